@@ -1,0 +1,91 @@
+"""The block contract: what every long-range block implements.
+
+A block is a :class:`torch.nn.Module` subclass of :class:`LongRangeBlock`. It receives a
+context dictionary ``ctx`` of tensors (listed in :data:`CONTEXT_KEYS`) and returns a
+dictionary holding at least ``"energy"`` (one value per graph, eV).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar, Dict, List, Sequence
+
+import torch
+
+#: Keys of the context dictionary handed to :meth:`LongRangeBlock.forward`.
+CONTEXT_KEYS: Dict[str, str] = {
+    "positions": "[n_atoms, 3] Å, already strained (derivatives give forces and stress)",
+    "cell": "[n_graphs, 3, 3] Å, rows are lattice vectors, strained with the positions",
+    "pbc": "[n_graphs, 3] bool, periodic directions",
+    "batch": "[n_atoms] int64, graph index of each atom",
+    "ptr": "[n_graphs + 1] int64, atom offsets of each graph",
+    "atomic_numbers": "[n_atoms] int64",
+    "node_attrs": "[n_atoms, n_elements] one-hot element encoding of the base model",
+    "node_feats": "[n_atoms, F] base-model features (irreps given to the constructor)",
+    "total_charge": "[n_graphs] e",
+    "external_field": "[n_graphs, 3] V/Å (zeros when no field is applied)",
+    "edge_index": "[2, n_edges] int64, the base model's graph",
+    "shifts": "[n_edges, 3] Å, periodic image shifts of the edges (strained)",
+}
+
+
+class LongRangeBlock(torch.nn.Module):
+    """Base class of every long-range block.
+
+    Subclasses set :attr:`name`, accept the keyword arguments below plus their own
+    configuration, and implement :meth:`forward`.
+
+    Args:
+        feature_irreps: irreps string of the base model's ``node_feats`` output.
+        atomic_numbers: elements the base model knows, in its one-hot order.
+        r_max: cutoff radius of the base model, Å.
+        **config: the block's own hyper-parameters (JSON-serialisable values).
+    """
+
+    #: Registry name of the block (e.g. ``"les"``).
+    name: ClassVar[str] = ""
+    #: Context keys the block needs the data to provide explicitly (e.g. ``total_charge``).
+    required_inputs: ClassVar[Sequence[str]] = ()
+
+    def __init__(
+        self,
+        feature_irreps: str,
+        atomic_numbers: Sequence[int],
+        r_max: float,
+        **config: Any,
+    ) -> None:
+        super().__init__()
+        self.feature_irreps = str(feature_irreps)
+        self.atomic_numbers: List[int] = [int(z) for z in atomic_numbers]
+        self.r_max = float(r_max)
+        self._config: Dict[str, Any] = copy.deepcopy(dict(config))
+
+    def forward(self, ctx: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Compute the block's contribution.
+
+        Args:
+            ctx: context dictionary (see :data:`CONTEXT_KEYS`).
+
+        Returns:
+            ``{"energy": [n_graphs] eV, ...}``; optional ``"charges"`` [n_atoms] e and
+            ``"atomic_dipoles"`` [n_atoms, 3] e·Å, plus named extras.
+        """
+        raise NotImplementedError
+
+    def to_config(self) -> Dict[str, Any]:
+        """Constructor arguments that rebuild this block (weights excluded)."""
+        return {
+            "feature_irreps": self.feature_irreps,
+            "atomic_numbers": list(self.atomic_numbers),
+            "r_max": self.r_max,
+            **copy.deepcopy(self._config),
+        }
+
+    @classmethod
+    def from_config(cls, config: Dict[str, Any]) -> "LongRangeBlock":
+        """Build a block from :meth:`to_config` output."""
+        return cls(**copy.deepcopy(dict(config)))
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, config={self._config!r}"
+

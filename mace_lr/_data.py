@@ -1,0 +1,111 @@
+"""From ``ase.Atoms`` to a mace batch with the long-range inputs (private module).
+
+Inputs read from ``atoms.info``: ``charge`` (total charge, e), ``spin`` (multiplicity) and
+``external_field`` (3-vector, V/Å). A key some block requires but the structure lacks is
+an error naming the key, never a silent neutral default.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+import mace  # noqa: F401
+from mace import data as mace_data
+from mace.tools import torch_geometric
+from mace.tools.utils import AtomicNumberTable
+
+logger = logging.getLogger(__name__)
+
+#: atoms.info key → mace data key
+INFO_KEYS = {"charge": "total_charge", "spin": "total_spin", "external_field": "external_field"}
+
+
+def _check_atoms(atoms, z_table: Sequence[int], index: int) -> None:
+    unknown = sorted(set(int(z) for z in atoms.numbers) - set(int(z) for z in z_table))
+    if unknown:
+        from ase.data import chemical_symbols
+
+        names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in unknown)
+        known = ", ".join(chemical_symbols[z] for z in z_table)
+        raise ValueError(f"structure {index} contains element(s) {names} the model does not know; it knows {known}")
+    pbc = atoms.get_pbc()
+    if pbc.any():
+        cell = np.asarray(atoms.get_cell())
+        if tuple(pbc) == (True, True, True) and abs(np.linalg.det(cell)) < 1e-6:
+            raise ValueError(f"structure {index} is periodic (pbc={pbc.tolist()}) but its cell has zero volume")
+        if tuple(pbc) not in ((True, True, True), (True, True, False)):
+            raise ValueError(
+                f"structure {index} has pbc={pbc.tolist()}; supported are fully periodic, "
+                "open, and slabs with pbc=[True, True, False]"
+            )
+    field = atoms.info.get("external_field")
+    if field is not None and np.asarray(field, dtype=float).shape != (3,):
+        raise ValueError(
+            f"structure {index}: atoms.info['external_field'] must be a 3-vector in V/Å, "
+            f"got shape {np.asarray(field).shape}"
+        )
+
+
+def atoms_to_batch(
+    atoms_list: Sequence,
+    z_table: Sequence[int],
+    r_max: float,
+    heads: Optional[List[str]] = None,
+    required: Sequence[str] = (),
+    external_field: Optional[Sequence[float]] = None,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+) -> Dict[str, torch.Tensor]:
+    """Collate structures into one batch dictionary.
+
+    Args:
+        atoms_list: structures.
+        z_table: atomic numbers of the model, in its one-hot order.
+        r_max: neighbour-list cutoff, Å.
+        heads: model heads (the first is used unless ``atoms.info['head']`` says otherwise).
+        required: mace data keys some block needs (e.g. ``"total_charge"``).
+        external_field: field in V/Å applied to every structure without its own
+            ``atoms.info['external_field']``.
+        dtype: floating dtype of the batch.
+        device: where to put it.
+    """
+    heads = heads or ["Default"]
+    keyspec = mace_data.KeySpecification(info_keys={v: k for k, v in INFO_KEYS.items()}, arrays_keys={})
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        data_list = []
+        for index, atoms in enumerate(atoms_list):
+            _check_atoms(atoms, z_table, index)
+            for key in required:
+                info_key = {v: k for k, v in INFO_KEYS.items()}.get(key, key)
+                if info_key not in atoms.info:
+                    raise KeyError(
+                        f"structure {index} has no atoms.info[{info_key!r}] ({key}), which a block "
+                        "of this model requires; set it explicitly (e.g. 0 for a neutral system)"
+                    )
+            atoms = atoms.copy() if external_field is not None and "external_field" not in atoms.info else atoms
+            if external_field is not None and "external_field" not in atoms.info:
+                atoms.info["external_field"] = np.asarray(external_field, dtype=float)
+            config = mace_data.config_from_atoms(atoms, key_specification=keyspec, head_name=atoms.info.get("head", heads[0]))
+            data_list.append(
+                mace_data.AtomicData.from_config(config, z_table=AtomicNumberTable([int(z) for z in z_table]), cutoff=r_max, heads=heads)
+            )
+        batch = torch_geometric.batch.Batch.from_data_list(data_list)
+    finally:
+        torch.set_default_dtype(previous)
+    out = batch.to_dict()
+    result: Dict[str, torch.Tensor] = {}
+    for key, value in out.items():
+        if isinstance(value, torch.Tensor):
+            result[key] = value.to(device)
+    num_graphs = len(atoms_list)
+    if "pbc" in result:
+        result["pbc"] = result["pbc"].view(num_graphs, 3)
+    if "external_field" in result:
+        result["external_field"] = result["external_field"].view(num_graphs, 3)
+    return result

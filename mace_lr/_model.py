@@ -1,0 +1,276 @@
+"""`LongRangeMACE`: a MACE model plus long-range blocks, and `augment` (private module)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+import torch
+
+from . import _mace_adapter as adapter
+from ._block import LongRangeBlock
+
+logger = logging.getLogger(__name__)
+
+
+class LongRangeMACE(torch.nn.Module):
+    """A MACE model (called untouched) plus long-range blocks.
+
+    One forward pass strains positions, periodic shifts **and** the cell with a symmetric
+    displacement, runs the base model and every block on the strained geometry, sums the
+    energies and takes forces, virials, stress and (on request) field responses from one
+    autograd graph:
+
+    .. math:: E = E_\\mathrm{base} + \\sum_b E_b, \\quad F = -\\partial E/\\partial R,
+              \\quad \\sigma = \\frac{1}{\\Omega}\\partial E/\\partial \\varepsilon,
+              \\quad \\mu = -\\partial E/\\partial \\mathcal{E}
+
+    Args:
+        base: a MACE model whose forward returns ``node_feats``.
+        blocks: block name → block.
+    """
+
+    def __init__(self, base: torch.nn.Module, blocks: Mapping[str, LongRangeBlock]):
+        super().__init__()
+        self.base = base
+        self.blocks = torch.nn.ModuleDict(dict(blocks))
+        self.atomic_numbers: List[int] = adapter.base_atomic_numbers(base)
+        self.r_max: float = adapter.base_r_max(base)
+        self.heads: List[str] = adapter.base_heads(base)
+        self.register_buffer(
+            "_z_table", torch.tensor(self.atomic_numbers, dtype=torch.int64), persistent=False
+        )
+
+    @property
+    def required_inputs(self) -> List[str]:
+        """Data keys some block needs explicitly (e.g. ``total_charge``)."""
+        keys: List[str] = []
+        for block in self.blocks.values():
+            for key in getattr(block, "required_inputs", ()):
+                if key not in keys:
+                    keys.append(key)
+        return keys
+
+    def forward(
+        self,
+        data: Dict[str, torch.Tensor],
+        training: bool = False,
+        compute_force: bool = True,
+        compute_virials: bool = False,
+        compute_stress: bool = False,
+        compute_dipole: bool = False,
+        compute_born_charges: bool = False,
+        compute_polarizability: bool = False,
+    ) -> Dict[str, Optional[torch.Tensor]]:
+        """Energy, forces, stress and optional field responses of a batch.
+
+        Args:
+            data: a mace batch (``positions``, ``cell``, ``edge_index``, ``unit_shifts``,
+                ``batch``, ``ptr``, ``node_attrs``, ...) plus optional ``total_charge``
+                [n_graphs] e and ``external_field`` [n_graphs, 3] V/Å.
+            training: keep the graph so losses on forces can be differentiated.
+            compute_dipole: dipole ``-∂E/∂field`` [n_graphs, 3] e·Å.
+            compute_born_charges: ``Z[i, α, β] = ∂F_iβ/∂field_α`` [n_atoms, 3, 3] e.
+            compute_polarizability: ``-∂²E/∂field²`` [n_graphs, 3, 3] e·Å²/V.
+
+        Returns:
+            ``energy`` [G] eV, ``base_energy`` [G], ``lr_energy`` [G], ``forces`` [N, 3]
+            eV/Å, ``virials``/``stress`` [G, 3, 3] (eV, eV/Å³), ``charges`` [N] e when a
+            block provides them, response tensors when requested, and per-block extras
+            named ``<block>_<key>``.
+        """
+        data = dict(data)
+        batch = data["batch"]
+        num_graphs = int(data["ptr"].numel() - 1)
+        positions = data["positions"]
+        if not positions.requires_grad:
+            positions.requires_grad_(True)
+        dtype, device = positions.dtype, positions.device
+        cell = data["cell"].view(-1, 3, 3)
+        want_strain = compute_virials or compute_stress
+        want_field = compute_dipole or compute_born_charges or compute_polarizability
+
+        displacement = torch.zeros((num_graphs, 3, 3), dtype=dtype, device=device)
+        if want_strain:
+            displacement.requires_grad_(True)
+            sym = 0.5 * (displacement + displacement.transpose(-1, -2))
+            strained_positions = positions + torch.einsum("be,bec->bc", positions, sym[batch])
+            cell = cell + torch.matmul(cell, sym)
+        else:
+            strained_positions = positions
+        sender = data["edge_index"][0]
+        shifts = torch.einsum("be,bec->bc", data["unit_shifts"], cell[batch[sender]])
+
+        field = data.get("external_field")
+        if field is None:
+            field = torch.zeros((num_graphs, 3), dtype=dtype, device=device)
+        field = field.view(num_graphs, 3).to(dtype)
+        if want_field:
+            field = field.detach().clone().requires_grad_(True)
+
+        base_data = dict(data)
+        base_data["positions"] = strained_positions
+        base_data["shifts"] = shifts
+        base_data["cell"] = cell.reshape(-1, 3)
+        base_out = adapter.call_base(self.base, base_data, training=training)
+        base_energy = base_out["energy"]
+        if base_energy is None or base_out.get("node_feats") is None:
+            raise RuntimeError("the base model returned no energy or node_feats")
+
+        pbc = data.get("pbc")
+        if pbc is None:
+            pbc = (cell.detach().abs().sum(-1) > 0).view(num_graphs, 3)
+        total_charge = data.get("total_charge")
+        if total_charge is None:
+            total_charge = torch.zeros(num_graphs, dtype=dtype, device=device)
+        species = torch.argmax(data["node_attrs"], dim=-1)
+        ctx: Dict[str, torch.Tensor] = {
+            "positions": strained_positions,
+            "cell": cell,
+            "pbc": pbc.view(num_graphs, 3).to(torch.bool),
+            "batch": batch,
+            "ptr": data["ptr"],
+            "atomic_numbers": self._z_table[species],
+            "node_attrs": data["node_attrs"],
+            "node_feats": base_out["node_feats"],
+            "total_charge": total_charge.view(num_graphs).to(dtype),
+            "external_field": field,
+            "edge_index": data["edge_index"],
+            "shifts": shifts,
+        }
+
+        out: Dict[str, Optional[torch.Tensor]] = {}
+        lr_energy = torch.zeros(num_graphs, dtype=dtype, device=device)
+        charges: Optional[torch.Tensor] = None
+        for name, block in self.blocks.items():
+            result = block(ctx)
+            lr_energy = lr_energy + result["energy"]
+            for key, value in result.items():
+                out[f"{name}_{key}"] = value
+            if "charges" in result:
+                charges = result["charges"] if charges is None else charges + result["charges"]
+        energy = base_energy + lr_energy
+
+        inputs: List[torch.Tensor] = [positions]
+        if want_strain:
+            inputs.append(displacement)
+        if want_field:
+            inputs.append(field)
+        need_graph = training or want_field
+        forces = virials = stress = dipole = None
+        if compute_force or want_strain or want_field:
+            grads = torch.autograd.grad(
+                [energy.sum()],
+                inputs,
+                retain_graph=need_graph,
+                create_graph=need_graph,
+                allow_unused=True,
+            )
+            g_pos = grads[0] if grads[0] is not None else torch.zeros_like(positions)
+            forces = -g_pos
+            k = 1
+            if want_strain:
+                g_disp = grads[k] if grads[k] is not None else torch.zeros_like(displacement)
+                k += 1
+                virials = -g_disp
+                volume = torch.linalg.det(cell).abs().view(-1, 1, 1)
+                stress = torch.where(volume > 0, g_disp / volume.clamp(min=1e-12), torch.zeros_like(g_disp))
+            if want_field:
+                g_field = grads[k] if grads[k] is not None else torch.zeros_like(field)
+                dipole = -g_field
+        out.update(
+            {
+                "energy": energy,
+                "base_energy": base_energy,
+                "lr_energy": lr_energy,
+                "node_energy": base_out.get("node_energy"),
+                "forces": forces,
+                "virials": virials,
+                "stress": stress,
+                "node_feats": base_out["node_feats"],
+                "charges": charges,
+            }
+        )
+        if want_field:
+            assert dipole is not None
+            out["dipole"] = dipole
+            if compute_born_charges or compute_polarizability:
+                bec = torch.zeros((positions.shape[0], 3, 3), dtype=dtype, device=device)
+                pol = torch.zeros((num_graphs, 3, 3), dtype=dtype, device=device)
+                for alpha in range(3):
+                    if not dipole.requires_grad:
+                        break
+                    g = torch.autograd.grad(
+                        [dipole[:, alpha].sum()],
+                        [positions, field],
+                        retain_graph=True,
+                        create_graph=training,
+                        allow_unused=True,
+                    )
+                    if g[0] is not None:
+                        bec[:, alpha, :] = g[0]
+                    if g[1] is not None:
+                        pol[:, alpha, :] = g[1]
+                if compute_born_charges:
+                    out["born_effective_charges"] = bec
+                if compute_polarizability:
+                    out["polarizability"] = pol
+        return out
+
+
+def _block_kwargs(base: torch.nn.Module) -> Dict[str, Any]:
+    return {
+        "feature_irreps": adapter.base_feature_irreps(base),
+        "atomic_numbers": adapter.base_atomic_numbers(base),
+        "r_max": adapter.base_r_max(base),
+    }
+
+
+def augment(
+    model: torch.nn.Module,
+    blocks: Union[str, Sequence[str], Mapping[str, Dict[str, Any]]],
+    **config: Any,
+) -> LongRangeMACE:
+    """Attach long-range block(s) to a MACE model (identity at initialisation).
+
+    Args:
+        model: a MACE model (``ScaleShiftMACE``, ``MACE``, multi-head) or a
+            :class:`LongRangeMACE` (new blocks are added to the existing ones).
+        blocks: a block name, a list of names, or ``{name: config}``.
+        **config: configuration for a single block (only with one block name).
+
+    Returns:
+        A :class:`LongRangeMACE` whose predictions equal ``model``'s until trained.
+    """
+    from .registry import get_block
+
+    if isinstance(blocks, str):
+        specs: Dict[str, Dict[str, Any]] = {blocks: dict(config)}
+    elif isinstance(blocks, Mapping):
+        if config:
+            raise ValueError("pass per-block configuration inside the `blocks` mapping, not as keywords")
+        specs = {name: dict(cfg or {}) for name, cfg in blocks.items()}
+    else:
+        names: Iterable[str] = list(blocks)
+        if config and len(list(names)) != 1:
+            raise ValueError("keyword configuration is ambiguous with several blocks; pass a mapping")
+        specs = {name: dict(config) for name in names}
+
+    if isinstance(model, LongRangeMACE):
+        base = model.base
+        existing = dict(model.blocks.items())
+    else:
+        base = model
+        existing = {}
+    kwargs = _block_kwargs(base)
+    dtype = next(base.parameters()).dtype
+    device = next(base.parameters()).device
+    new_blocks: Dict[str, LongRangeBlock] = dict(existing)
+    for name, cfg in specs.items():
+        if name in new_blocks:
+            raise ValueError(f"the model already has a block named {name!r}")
+        cls = get_block(name)
+        block = cls(**kwargs, **cfg).to(dtype=dtype, device=device)
+        new_blocks[name] = block
+        logger.info("attached block %r (%d parameters)", name, sum(p.numel() for p in block.parameters()))
+    return LongRangeMACE(base, new_blocks)

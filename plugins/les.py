@@ -1,0 +1,126 @@
+"""LES — latent Ewald summation: learned local charges interacting through Coulomb's law.
+
+Each atom's invariant features give a latent charge :math:`\\tilde q_i`; the block energy
+is the Coulomb energy of Gaussian charges of width σ (physics.md, "LES")
+
+.. math:: E = \\gamma\\, \\frac{k_e}{2} \\sum_{i \\ne j} \\tilde q_i \\tilde q_j
+          \\frac{\\operatorname{erf}(r_{ij}/\\sqrt{2}\\sigma)}{r_{ij}}
+          - \\mathcal{E}\\cdot\\sum_i q_i \\mathbf{r}_i,
+   \\qquad q_i = \\sqrt{\\gamma}\\,\\tilde q_i ,
+
+(Ewald/P3M sum over images for periodic cells, slab correction for ``pbc=[T,T,F]``).
+The learnable coupling γ starts at exactly 0, so the block is silent at initialisation.
+Zero-initialising the charges instead would leave training at a saddle point: the energy
+is quadratic in the charges, so every gradient of the loss vanishes at q = 0. For γ > 0
+the reported ``charges`` are the physical charges whose plain Coulomb energy is the block
+energy; a negative γ (inverted Coulomb law) reports zero charges and logs a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Sequence
+
+import torch
+
+from mace_lr import LongRangeBlock
+from mace_lr._mace_adapter import scalar_feature_indices
+from mace_lr.electrostatics import coulomb_potential
+
+logger = logging.getLogger(__name__)
+
+
+class LESBlock(LongRangeBlock):
+    """Latent Ewald summation block.
+
+    Args:
+        feature_irreps: irreps of the base model's ``node_feats``.
+        atomic_numbers: elements of the base model.
+        r_max: base-model cutoff, Å.
+        smearing: Gaussian width σ of the charges, Å (default 1.0).
+        hidden: width of the charge readout's hidden layer (default 32).
+        accuracy: relative accuracy of periodic sums (default 1e-4).
+        method: ``"auto"``, ``"ewald"`` or ``"p3m"``.
+    """
+
+    name = "les"
+
+    def __init__(
+        self,
+        feature_irreps: str,
+        atomic_numbers: Sequence[int],
+        r_max: float,
+        smearing: float = 1.0,
+        hidden: int = 32,
+        accuracy: float = 1e-4,
+        method: str = "auto",
+        **config: Any,
+    ) -> None:
+        if config:
+            raise TypeError(f"unknown LES option(s): {', '.join(sorted(config))}")
+        if smearing <= 0:
+            raise ValueError(f"LES `smearing` must be > 0 Å, got {smearing}")
+        super().__init__(
+            feature_irreps,
+            atomic_numbers,
+            r_max,
+            smearing=float(smearing),
+            hidden=int(hidden),
+            accuracy=float(accuracy),
+            method=str(method),
+        )
+        self.smearing = float(smearing)
+        self.accuracy = float(accuracy)
+        self.method = str(method)
+        scalars: List[int] = scalar_feature_indices(feature_irreps)
+        if not scalars:
+            raise ValueError(f"feature irreps {feature_irreps!r} have no invariant (0e) channels")
+        self.register_buffer("scalar_index", torch.tensor(scalars, dtype=torch.int64), persistent=False)
+        self.readout = torch.nn.Sequential(
+            torch.nn.Linear(len(scalars), hidden),
+            torch.nn.SiLU(),
+            torch.nn.Linear(hidden, 1),
+        )
+        self.coupling = torch.nn.Parameter(torch.zeros(()))
+        self._warned_negative = False
+
+    def latent_charges(self, node_feats: torch.Tensor) -> torch.Tensor:
+        """Latent charges ``q̃`` [n_atoms] from the invariant features."""
+        return self.readout(node_feats[:, self.scalar_index]).squeeze(-1)
+
+    def physical_scale(self) -> torch.Tensor:
+        """``√γ`` for γ > 0, else 0 (finite gradient everywhere)."""
+        gamma = self.coupling
+        safe = torch.clamp(gamma, min=1e-30)
+        return torch.where(gamma > 0, torch.sqrt(safe), torch.zeros_like(gamma))
+
+    def forward(self, ctx: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        positions = ctx["positions"]
+        q_latent = self.latent_charges(ctx["node_feats"]).to(positions.dtype)
+        ptr = ctx["ptr"].tolist()
+        pbc = ctx["pbc"].tolist()
+        num_graphs = len(ptr) - 1
+        coulomb = []
+        for g in range(num_graphs):
+            a, b = ptr[g], ptr[g + 1]
+            phi = coulomb_potential(
+                positions[a:b],
+                q_latent[a:b],
+                ctx["cell"][g],
+                pbc[g],
+                smearing=self.smearing,
+                accuracy=self.accuracy,
+                method=self.method,
+            )
+            coulomb.append(0.5 * (q_latent[a:b] * phi).sum())
+        e_coulomb = torch.stack(coulomb) if coulomb else positions.new_zeros(0)
+        if bool(self.coupling.detach() < 0) and not self._warned_negative:
+            self._warned_negative = True
+            logger.warning("LES coupling γ=%.3g < 0: the block acts as an inverted Coulomb law", float(self.coupling))
+        charges = self.physical_scale().to(positions.dtype) * q_latent
+        batch = ctx["batch"]
+        dipole = torch.zeros((num_graphs, 3), dtype=positions.dtype, device=positions.device)
+        dipole = dipole.index_add(0, batch, charges[:, None] * positions)
+        field_energy = -(ctx["external_field"] * dipole).sum(-1)
+        energy = self.coupling.to(positions.dtype) * e_coulomb + field_energy
+        return {"energy": energy, "charges": charges, "dipole": dipole}
