@@ -104,6 +104,11 @@ def atoms_to_batch(
         if isinstance(value, torch.Tensor):
             result[key] = value.to(device)
     num_graphs = len(atoms_list)
+    # mace replaces the lattice vector of a non-periodic direction by a large fake one;
+    # use the structure's own cell so that the stress volume is the one ASE reports
+    # (the unit shifts along non-periodic directions are zero, so the graph is unchanged)
+    cells = np.stack([np.asarray(atoms.get_cell()) for atoms in atoms_list]).reshape(-1, 3)
+    result["cell"] = torch.as_tensor(cells, dtype=dtype, device=device)
     if "pbc" in result:
         result["pbc"] = result["pbc"].view(num_graphs, 3)
     if "external_field" in result:

@@ -156,7 +156,7 @@ class LongRangeMACE(torch.nn.Module):
             inputs.append(displacement)
         if want_field:
             inputs.append(field)
-        need_graph = training or want_field
+        need_graph = training or compute_born_charges or compute_polarizability
         forces = virials = stress = dipole = None
         if compute_force or want_strain or want_field:
             grads = torch.autograd.grad(
@@ -198,7 +198,7 @@ class LongRangeMACE(torch.nn.Module):
                 bec = torch.zeros((positions.shape[0], 3, 3), dtype=dtype, device=device)
                 pol = torch.zeros((num_graphs, 3, 3), dtype=dtype, device=device)
                 for alpha in range(3):
-                    if not dipole.requires_grad:
+                    if not dipole.requires_grad:  # nothing depends on the field
                         break
                     g = torch.autograd.grad(
                         [dipole[:, alpha].sum()],

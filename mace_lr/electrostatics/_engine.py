@@ -219,27 +219,38 @@ def _open_potential(positions: torch.Tensor, charges: torch.Tensor, smearing: fl
     return torch.cat(out, dim=0) if out else torch.zeros_like(charges)
 
 
-def _slab_geometry(positions: torch.Tensor, cell: torch.Tensor, accuracy: float) -> float:
-    cell_d = cell.detach()
-    if float(cell_d[0, 2].abs()) > 1e-8 or float(cell_d[1, 2].abs()) > 1e-8:
-        raise ValueError(
-            "slab (pbc=[True, True, False]) needs the two periodic lattice vectors in the "
-            f"xy-plane (zero z components), got a={cell_d[0].tolist()}, b={cell_d[1].tolist()}"
-        )
+def _slab_frame(positions: torch.Tensor, cell: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rotate so the periodic vectors a, b lie in the xy-plane (differentiable in the cell).
+
+    A strained slab (e.g. under xz shear) tilts its plane; the energy is rotation
+    invariant, so it is evaluated in the slab's own frame.
+    """
+    a, b = cell[0], cell[1]
+    e1 = a / torch.linalg.norm(a)
+    normal = torch.linalg.cross(a, b)
+    e3 = normal / torch.linalg.norm(normal)
+    e2 = torch.linalg.cross(e3, e1)
+    rot = torch.stack([e1, e2, e3])  # rows: new axes
+    return positions @ rot.T, cell[:2] @ rot.T
+
+
+def _slab_height(positions: torch.Tensor, in_plane: torch.Tensor, accuracy: float) -> float:
     z = positions.detach()[:, 2]
     thickness = float(z.max() - z.min()) if z.numel() else 0.0
-    in_plane = float(torch.linalg.norm(cell_d[:2], dim=1).max())
+    longest = float(torch.linalg.norm(in_plane.detach(), dim=1).max())
     # residual interaction between replicas decays as exp(-2π gap / L_xy)
-    gap = max(2.0 * thickness, in_plane * (math.log(1.0 / accuracy) + 2.0) / (2.0 * math.pi), 10.0)
-    length = thickness + gap
-    return 5.0 * math.ceil(length / 5.0)  # quantised so parameters stay cached
+    gap = max(2.0 * thickness, longest * (math.log(1.0 / accuracy) + 2.0) / (2.0 * math.pi), 10.0)
+    return 5.0 * math.ceil((thickness + gap) / 5.0)  # quantised so parameters stay cached
 
 
 def _slab_potential(positions, charges, cell, smearing, accuracy, method):
-    lz = _slab_geometry(positions, cell, accuracy)
-    z0 = positions.detach()[:, 2].min()
-    pos = positions - torch.stack([torch.zeros_like(z0), torch.zeros_like(z0), z0])
-    ext = torch.cat([cell[:2], torch.tensor([[0.0, 0.0, lz]], dtype=cell.dtype, device=cell.device)], 0)
+    positions, in_plane = _slab_frame(positions, cell)
+    lz = _slab_height(positions, in_plane, accuracy)
+    # centre the slab in the extended cell with a smooth, differentiable shift so the
+    # energy depends on relative heights only (exact translation invariance along z)
+    z_shift = positions[:, 2].mean() - 0.5 * lz
+    pos = positions - torch.stack([torch.zeros_like(z_shift), torch.zeros_like(z_shift), z_shift])
+    ext = torch.cat([in_plane, torch.tensor([[0.0, 0.0, lz]], dtype=cell.dtype, device=cell.device)], 0)
     phi = _periodic_potential(pos, charges, ext, smearing, accuracy, method)
     # Yeh–Berkowitz correction with Ballenegger–Arnold–Cerdà net-charge terms:
     # E_c = 2π/V [M_z² - Q Σ q z² - Q² L_z²/12]
