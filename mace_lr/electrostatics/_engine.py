@@ -145,17 +145,14 @@ def _p3m_calculator(params: EwaldParameters, dtype: torch.dtype, device: torch.d
     key = (params.split, params.mesh_spacing, params.interpolation_nodes, dtype, str(device))
     calc = _P3M_CACHE.get(key)
     if calc is None:
-        import torchpme
+        from ._mesh import MeshKSpace
 
-        pot = torchpme.CoulombPotential(smearing=params.split)
-        calc = torchpme.P3MCalculator(
-            pot,
-            mesh_spacing=params.mesh_spacing,
-            interpolation_nodes=params.interpolation_nodes,
-        ).to(device=device, dtype=dtype)
+        calc = MeshKSpace(params.split, params.mesh_spacing, params.interpolation_nodes).to(device=device, dtype=dtype)
         _P3M_CACHE[key] = calc
         if len(_P3M_CACHE) > 8:
             _P3M_CACHE.popitem(last=False)
+    else:
+        _P3M_CACHE.move_to_end(key)
     return calc
 
 

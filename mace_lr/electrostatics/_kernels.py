@@ -103,16 +103,22 @@ def choose_parameters(
         return EwaldParameters("ewald", split, rcut, kcut=kcut)
     if method != "p3m":
         raise ValueError(f"unknown electrostatics method {method!r}; use auto, ewald or p3m")
+    # P3M: relative force error measured against converged references on 2 cores
+    # (benchmarks/calibrate_p3m.py) follows err ≈ C (a/s)^p for mesh spacing a, with
+    # C ≈ 0.045 for p = 5 assignment nodes. Costs per pair / mesh point / atom were
+    # measured the same way (seconds, float64, 2 threads).
+    from ._mesh import fft_friendly
+
     nodes = 5
+    spacing_over_split = (accuracy / 0.045) ** (1.0 / nodes)
     best: Optional[Tuple[float, EwaldParameters]] = None
-    for split in np.linspace(0.6, 6.0, 55):
+    for split in np.arange(0.8, 8.0, 0.05):
         split = max(float(split), smearing)
         rcut = 0.0 if split <= smearing else split * math.sqrt(2.0 * (log_eps + 1.0))
-        # assignment error ~ (h k_s)^p with k_s = 1/(√2 s); a safety factor of 4
-        spacing = _SQRT2 * split * (accuracy / 4.0) ** (1.0 / nodes) * 1.6
-        n_mesh = np.prod(np.maximum(2.0 * lengths / spacing + 1.0, 1.0))
+        spacing = spacing_over_split * split
+        n_mesh = float(np.prod([max(8, fft_friendly(math.ceil(length / spacing))) for length in lengths]))
         n_pairs = 0.5 * n_atoms * density * 4.0 / 3.0 * math.pi * rcut**3
-        cost = 1.0 * n_pairs + 0.8 * n_mesh * math.log(max(n_mesh, 2.0)) + 6.0 * n_atoms * nodes**3
+        cost = 0.31e-6 * n_pairs + 48e-9 * n_mesh + 13e-6 * n_atoms
         cand = EwaldParameters("p3m", split, rcut, mesh_spacing=spacing, interpolation_nodes=nodes)
         if best is None or cost < best[0]:
             best = (cost, cand)
