@@ -14,7 +14,6 @@ property failed and by how much. The reference systems are small NaCl-like struc
 from __future__ import annotations
 
 import copy
-import math
 import os
 import tempfile
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -40,6 +39,7 @@ __all__ = [
     "assert_dtype_consistency",
     "assert_parameters_train_and_save",
     "assert_born_charges_match_finite_differences",
+    "assert_scriptable",
     "run_block_contract",
 ]
 
@@ -328,6 +328,24 @@ def assert_born_charges_match_finite_differences(model: LongRangeMACE, atoms, fi
         assert err <= atol, f"Born charges Z[:, {alpha}, :] differ from finite differences of forces by {err:.3g}"
 
 
+def assert_scriptable(model: LongRangeMACE, atoms, atol: float = 1e-10) -> None:
+    """Every block compiles with ``torch.jit.script`` and gives the eager results.
+
+    Parts a block marks ``@torch.jit.ignore`` (e.g. neighbour lists) still run in Python.
+    """
+    scripted = copy.deepcopy(model)
+    for name in list(scripted.blocks.keys()):
+        try:
+            scripted.blocks[name] = torch.jit.script(scripted.blocks[name])
+        except Exception as exc:  # report which block and why
+            raise AssertionError(f"block {name!r} is not TorchScript-compilable: {exc}") from exc
+    a = evaluate(model, [atoms])
+    b = evaluate(scripted, [atoms])
+    de = float((a["energy"] - b["energy"]).abs().max())
+    df = float((a["forces"] - b["forces"]).abs().max())
+    assert max(de, df) <= atol, f"scripted blocks differ from eager: energy {de:.3g}, forces {df:.3g}"
+
+
 def run_block_contract(name: str, config: Optional[Dict[str, Any]] = None, base: Optional[torch.nn.Module] = None) -> None:
     """Run every contract check on block ``name`` attached to a small MACE model."""
     base = base if base is not None else make_test_model()
@@ -343,4 +361,4 @@ def run_block_contract(name: str, config: Optional[Dict[str, Any]] = None, base:
     assert_dtype_consistency(trained, systems["periodic"])
     assert_parameters_train_and_save(trained, [systems["periodic"], systems["open"]])
     assert_born_charges_match_finite_differences(trained, systems["open"])
-    _ = math  # keep import for subclasses' formulas
+    assert_scriptable(trained, systems["periodic"])

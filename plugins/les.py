@@ -16,7 +16,6 @@ the reported ``charges`` are the physical charges whose plain Coulomb energy is 
 energy; a negative γ (inverted Coulomb law) reports zero charges and logs a warning.
 """
 
-from __future__ import annotations
 
 import logging
 from typing import Any, Dict, List, Sequence
@@ -94,33 +93,40 @@ class LESBlock(LongRangeBlock):
         safe = torch.clamp(gamma, min=1e-30)
         return torch.where(gamma > 0, torch.sqrt(safe), torch.zeros_like(gamma))
 
-    def forward(self, ctx: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        positions = ctx["positions"]
-        q_latent = self.latent_charges(ctx["node_feats"]).to(positions.dtype)
-        ptr = ctx["ptr"].tolist()
-        pbc = ctx["pbc"].tolist()
-        num_graphs = len(ptr) - 1
-        coulomb = []
-        for g in range(num_graphs):
-            a, b = ptr[g], ptr[g + 1]
+    @torch.jit.ignore
+    def coulomb_energies(
+        self, positions: torch.Tensor, charges: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, ptr: torch.Tensor
+    ) -> torch.Tensor:
+        """Coulomb energy of each graph [n_graphs], eV (runs in Python under TorchScript)."""
+        bounds = ptr.tolist()
+        flags = pbc.tolist()
+        energies = []
+        for g in range(len(bounds) - 1):
+            a, b = bounds[g], bounds[g + 1]
             phi = coulomb_potential(
-                positions[a:b],
-                q_latent[a:b],
-                ctx["cell"][g],
-                pbc[g],
-                smearing=self.smearing,
-                accuracy=self.accuracy,
-                method=self.method,
+                positions[a:b], charges[a:b], cell[g], flags[g],
+                smearing=self.smearing, accuracy=self.accuracy, method=self.method,
             )
-            coulomb.append(0.5 * (q_latent[a:b] * phi).sum())
-        e_coulomb = torch.stack(coulomb) if coulomb else positions.new_zeros(0)
+            energies.append(0.5 * (charges[a:b] * phi).sum())
+        if not energies:
+            return positions.new_zeros(0)
+        return torch.stack(energies)
+
+    @torch.jit.ignore
+    def _check_coupling(self) -> None:
         if bool(self.coupling.detach() < 0) and not self._warned_negative:
             self._warned_negative = True
             logger.warning("LES coupling γ=%.3g < 0: the block acts as an inverted Coulomb law", float(self.coupling))
+
+    def forward(self, ctx: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        positions = ctx["positions"]
+        q_latent = self.latent_charges(ctx["node_feats"]).to(positions.dtype)
+        num_graphs = ctx["ptr"].shape[0] - 1
+        e_coulomb = self.coulomb_energies(positions, q_latent, ctx["cell"], ctx["pbc"], ctx["ptr"])
+        self._check_coupling()
         charges = self.physical_scale().to(positions.dtype) * q_latent
-        batch = ctx["batch"]
         dipole = torch.zeros((num_graphs, 3), dtype=positions.dtype, device=positions.device)
-        dipole = dipole.index_add(0, batch, charges[:, None] * positions)
+        dipole = dipole.index_add(0, ctx["batch"], charges[:, None] * positions)
         field_energy = -(ctx["external_field"] * dipole).sum(-1)
         energy = self.coupling.to(positions.dtype) * e_coulomb + field_energy
         return {"energy": energy, "charges": charges, "dipole": dipole}
