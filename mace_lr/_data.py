@@ -73,7 +73,9 @@ def atoms_to_batch(
         dtype: floating dtype of the batch.
         device: where to put it.
     """
-    heads = heads or ["Default"]
+    heads = list(heads) if heads else ["Default"]
+    z_table = [int(z) for z in z_table]
+    r_max = float(r_max)
     keyspec = mace_data.KeySpecification(info_keys={v: k for k, v in INFO_KEYS.items()}, arrays_keys={})
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

@@ -34,12 +34,37 @@ class LongRangeMACE(torch.nn.Module):
         super().__init__()
         self.base = base
         self.blocks = torch.nn.ModuleDict(dict(blocks))
-        self.atomic_numbers: List[int] = adapter.base_atomic_numbers(base)
-        self.r_max: float = adapter.base_r_max(base)
-        self.heads: List[str] = adapter.base_heads(base)
         self.register_buffer(
-            "_z_table", torch.tensor(self.atomic_numbers, dtype=torch.int64), persistent=False
+            "_z_table", torch.tensor(adapter.base_atomic_numbers(base), dtype=torch.int64), persistent=False
         )
+
+    # mace's training and evaluation code reads these off the model: same types as MACE
+    @property
+    def atomic_numbers(self) -> torch.Tensor:
+        """Atomic numbers of the base model, in its one-hot order."""
+        return self.base.atomic_numbers
+
+    @property
+    def r_max(self) -> torch.Tensor:
+        """Cutoff radius of the base model, Å."""
+        return self.base.r_max
+
+    @property
+    def heads(self) -> List[str]:
+        """Heads of the base model."""
+        return adapter.base_heads(self.base)
+
+    def __getattr__(self, name: str):
+        # Fall back to the base model's attributes (interactions, readouts, ...) so that
+        # mace utilities (freezing, parameter groups, LoRA) work on the wrapped model.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            base = modules.get("base")
+            if base is None or name.startswith("__"):
+                raise
+            return getattr(base, name)
 
     @property
     def required_inputs(self) -> List[str]:
@@ -178,8 +203,13 @@ class LongRangeMACE(torch.nn.Module):
             if want_field:
                 g_field = grads[k] if grads[k] is not None else torch.zeros_like(field)
                 dipole = -g_field
+        if not want_field:
+            block_dipoles = [v for k, v in out.items() if k.endswith("_dipole") and v is not None]
+            if block_dipoles:
+                dipole = torch.stack(block_dipoles).sum(0)
         out.update(
             {
+                "dipole": dipole,
                 "energy": energy,
                 "base_energy": base_energy,
                 "lr_energy": lr_energy,
@@ -193,7 +223,6 @@ class LongRangeMACE(torch.nn.Module):
         )
         if want_field:
             assert dipole is not None
-            out["dipole"] = dipole
             if compute_born_charges or compute_polarizability:
                 bec = torch.zeros((positions.shape[0], 3, 3), dtype=dtype, device=device)
                 pol = torch.zeros((num_graphs, 3, 3), dtype=dtype, device=device)

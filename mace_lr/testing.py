@@ -139,7 +139,7 @@ def evaluate(model: LongRangeMACE, atoms_list, **kwargs) -> Dict[str, Any]:
     device = next(model.parameters()).device
     batch = atoms_to_batch(
         atoms_list if isinstance(atoms_list, (list, tuple)) else [atoms_list],
-        model.atomic_numbers if isinstance(model, LongRangeMACE) else model.atomic_numbers.tolist(),
+        model.atomic_numbers,
         float(model.r_max),
         heads=getattr(model, "heads", None),
         dtype=dtype,
