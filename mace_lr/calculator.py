@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -63,9 +65,11 @@ class MACELRCalculator(Calculator):
         self.dtype = getattr(torch, default_dtype)
         self.device = torch.device(device)
         if isinstance(model_paths, LongRangeMACE):
-            model = model_paths
+            # never change the caller's model (dtype, eval mode, requires_grad)
+            model = copy.deepcopy(model_paths)
         else:
-            paths = [model_paths] if isinstance(model_paths, str) else list(model_paths)
+            single = isinstance(model_paths, (str, os.PathLike))
+            paths = [model_paths] if single else list(model_paths)
             if len(paths) != 1:
                 raise ValueError(f"MACELRCalculator takes one model file, got {len(paths)}: {paths}")
             model = load(paths[0], device=self.device, allow_pickle=allow_pickle)

@@ -9,11 +9,15 @@ is the Coulomb energy of Gaussian charges of width σ (physics.md, "LES")
    \\qquad q_i = \\sqrt{\\gamma}\\,\\tilde q_i ,
 
 (Ewald/P3M sum over images for periodic cells, slab correction for ``pbc=[T,T,F]``).
-The learnable coupling γ starts at exactly 0, so the block is silent at initialisation.
-Zero-initialising the charges instead would leave training at a saddle point: the energy
-is quadratic in the charges, so every gradient of the loss vanishes at q = 0. For γ > 0
-the reported ``charges`` are the physical charges whose plain Coulomb energy is the block
-energy; a negative γ (inverted Coulomb law) reports zero charges and logs a warning.
+The coupling γ = max(a, 0) of a learnable ``a`` (``coupling_init``, default 0) makes the
+block exactly silent at initialisation. Zero-initialising the charges instead would
+leave training at a saddle point: the energy is quadratic in the charges, so every
+gradient of an energy or force loss vanishes at q = 0. γ is linear in ``a`` and its
+gradient is passed straight through the clamp, so ``a`` can move back from negative
+values when the data ask for electrostatics; γ itself is never negative. The reported
+``charges`` √γ q̃ are the physical charges whose plain Coulomb energy is the block energy.
+A dipole-only loss gives no gradient while γ = 0 (√γ has an infinite slope there);
+start such runs with ``coupling_init > 0``.
 """
 
 
@@ -40,6 +44,7 @@ class LESBlock(LongRangeBlock):
         hidden: width of the charge readout's hidden layer (default 32).
         accuracy: relative accuracy of periodic sums (default 1e-4).
         method: ``"auto"``, ``"ewald"`` or ``"p3m"``.
+        coupling_init: initial value of the coupling parameter ``a`` (0: identity at init).
     """
 
     name = "les"
@@ -53,6 +58,7 @@ class LESBlock(LongRangeBlock):
         hidden: int = 32,
         accuracy: float = 1e-4,
         method: str = "auto",
+        coupling_init: float = 0.0,
         **config: Any,
     ) -> None:
         if config:
@@ -67,6 +73,7 @@ class LESBlock(LongRangeBlock):
             hidden=int(hidden),
             accuracy=float(accuracy),
             method=str(method),
+            coupling_init=float(coupling_init),
         )
         self.smearing = float(smearing)
         self.accuracy = float(accuracy)
@@ -80,16 +87,20 @@ class LESBlock(LongRangeBlock):
             torch.nn.SiLU(),
             torch.nn.Linear(hidden, 1),
         )
-        self.coupling = torch.nn.Parameter(torch.zeros(()))
-        self._warned_negative = False
+        self.coupling = torch.nn.Parameter(torch.tensor(float(coupling_init)))
 
     def latent_charges(self, node_feats: torch.Tensor) -> torch.Tensor:
         """Latent charges ``q̃`` [n_atoms] from the invariant features."""
         return self.readout(node_feats[:, self.scalar_index]).squeeze(-1)
 
+    def gamma(self) -> torch.Tensor:
+        """Coupling γ = max(a, 0), with the gradient of ``a`` passed straight through."""
+        a = self.coupling
+        return a + (torch.clamp(a, min=0.0) - a).detach()
+
     def physical_scale(self) -> torch.Tensor:
-        """``√γ`` for γ > 0, else 0 (finite gradient everywhere)."""
-        gamma = self.coupling
+        """``√γ`` (0 while γ = 0, with a zero gradient there)."""
+        gamma = self.gamma()
         safe = torch.clamp(gamma, min=1e-30)
         return torch.where(gamma > 0, torch.sqrt(safe), torch.zeros_like(gamma))
 
@@ -112,21 +123,14 @@ class LESBlock(LongRangeBlock):
             return positions.new_zeros(0)
         return torch.stack(energies)
 
-    @torch.jit.ignore
-    def _check_coupling(self) -> None:
-        if bool(self.coupling.detach() < 0) and not self._warned_negative:
-            self._warned_negative = True
-            logger.warning("LES coupling γ=%.3g < 0: the block acts as an inverted Coulomb law", float(self.coupling))
-
     def forward(self, ctx: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         positions = ctx["positions"]
         q_latent = self.latent_charges(ctx["node_feats"]).to(positions.dtype)
         num_graphs = ctx["ptr"].shape[0] - 1
         e_coulomb = self.coulomb_energies(positions, q_latent, ctx["cell"], ctx["pbc"], ctx["ptr"])
-        self._check_coupling()
         charges = self.physical_scale().to(positions.dtype) * q_latent
         dipole = torch.zeros((num_graphs, 3), dtype=positions.dtype, device=positions.device)
         dipole = dipole.index_add(0, ctx["batch"], charges[:, None] * positions)
         field_energy = -(ctx["external_field"] * dipole).sum(-1)
-        energy = self.coupling.to(positions.dtype) * e_coulomb + field_energy
+        energy = self.gamma().to(positions.dtype) * e_coulomb + field_energy
         return {"energy": energy, "charges": charges, "dipole": dipole}

@@ -209,8 +209,33 @@ class LongRangeLoss(torch.nn.Module):
         return f"LongRangeLoss({self.base_loss!r}, dipole_weight={self.dipole_weight}, charges_weight={self.charges_weight})"
 
 
+class _EpochSeededLoader:
+    """Reseed the training loader's shuffling at every epoch from ``(seed, epoch)``.
+
+    mace seeds the shuffling generator once, so a run restarted from a checkpoint sees
+    a different batch order than the uninterrupted run. Seeding per epoch makes a
+    restart continue exactly the same run.
+    """
+
+    def __init__(self, loader, seed: int, start_epoch: int):
+        self._loader = loader
+        self._seed = int(seed)
+        self._epoch = int(start_epoch)
+
+    def __iter__(self):
+        self._loader.generator.manual_seed(self._seed * 100_003 + self._epoch)
+        self._epoch += 1
+        return iter(self._loader)
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __getattr__(self, name: str):
+        return getattr(self._loader, name)
+
+
 @contextlib.contextmanager
-def _hooks(specs: Dict[str, Dict[str, Any]], carried: Optional[Dict[str, Any]], dipole_weight: float, charges_weight: float):
+def _hooks(specs: Dict[str, Dict[str, Any]], carried: Optional[Dict[str, Any]], dipole_weight: float, charges_weight: float, seed: int):
     """Patch mace's run_train module for the duration of one run."""
     from mace.cli import run_train as rt
 
@@ -219,6 +244,7 @@ def _hooks(specs: Dict[str, Dict[str, Any]], carried: Optional[Dict[str, Any]], 
     orig_configure = rt.configure_model
     orig_params = rt.get_params_options
     orig_loss = rt.get_loss_fn
+    orig_train = rt.tools.train
 
     def configure_model(*a, **k):
         model, output_args = orig_configure(*a, **k)
@@ -257,11 +283,37 @@ def _hooks(specs: Dict[str, Dict[str, Any]], carried: Optional[Dict[str, Any]], 
             return LongRangeLoss(base, dipole_weight, charges_weight)
         return base
 
+    loaded: Dict[str, int] = {}
+    handler_cls = rt.tools.CheckpointHandler
+    orig_load_latest = handler_cls.load_latest
+
+    def load_latest(self, *a, **k):
+        epoch = orig_load_latest(self, *a, **k)
+        if epoch is not None and "train_started" not in loaded:
+            loaded["epoch"] = int(epoch)
+        return epoch
+
+    def train(*a, **k):
+        loaded["train_started"] = 1
+        if "epoch" in loaded and k.get("start_epoch") == loaded["epoch"]:
+            # mace's checkpoint of epoch e is written after epoch e finished; upstream
+            # resumes at e and trains it twice. Continue with e + 1, as the run would have.
+            k["start_epoch"] = loaded["epoch"] + 1
+            logger.info("resuming after the completed epoch %d of the checkpoint", loaded["epoch"])
+        loader = k.get("train_loader")
+        if loader is not None and getattr(loader, "generator", None) is not None and not k.get("distributed"):
+            k["train_loader"] = _EpochSeededLoader(loader, seed, k.get("start_epoch", 0))
+        return orig_train(*a, **k)
+
     rt.configure_model, rt.get_params_options, rt.get_loss_fn = configure_model, get_params_options, get_loss_fn
+    rt.tools.train = train
+    handler_cls.load_latest = load_latest
     try:
         yield
     finally:
         rt.configure_model, rt.get_params_options, rt.get_loss_fn = orig_configure, orig_params, orig_loss
+        rt.tools.train = orig_train
+        handler_cls.load_latest = orig_load_latest
 
 
 def _convert_outputs(args: argparse.Namespace) -> List[str]:
@@ -303,7 +355,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> List[str]:
         args.foundation_model = base_path
         carried = dict(foundation.blocks.items())
     dipole_weight = args.dipole_weight if _dipole_requested(argv) else 0.0
-    with _hooks(specs, carried, dipole_weight, args.lr_charges_weight):
+    with _hooks(specs, carried, dipole_weight, args.lr_charges_weight, args.seed):
         rt.run(args)
     return _convert_outputs(args)
 

@@ -1,0 +1,42 @@
+"""The tutorials run end to end (``--fast`` mode) and print their summary."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
+
+pytest.importorskip("tblite.ase")
+
+
+def test_quickstart_fast(tmp_path):
+    out_dir = tmp_path / "quickstart"
+    # one thread: the systems are tiny, and it keeps the run fast when other jobs compete
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, str(TUTORIALS / "01_quickstart.py"), "--fast", "--out", str(out_dir)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,  # anything written outside --out would land here, not in the repo
+        env=env,
+    )
+    assert proc.returncode == 0, (
+        f"tutorial failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+    match = re.search(r"^NVE energy drift \(eV/atom/ps\)\s+(\S+)\s*$", proc.stdout, re.MULTILINE)
+    assert match, f"no energy-drift line in the summary:\n{proc.stdout[-2000:]}"
+    drift = float(match.group(1))
+    assert math.isfinite(drift) and abs(drift) < 1e-2, f"NVE drift {drift} eV/atom/ps"
+    assert (out_dir / "nacl_les.model").is_file()
+    assert (out_dir / "nve.csv").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["quickstart"], (
+        "files written outside --out"
+    )
