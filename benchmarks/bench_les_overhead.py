@@ -24,11 +24,11 @@ def _worker(n_cells: int, variant: str, repeats: int, dtype: str, accuracy: floa
 
     import numpy as np
     import torch
+    from ase.build import bulk
 
     import mace_lr
     from mace_lr import testing as T
     from mace_lr._data import atoms_to_batch
-    from ase.build import bulk
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     tdtype = getattr(torch, dtype)
@@ -59,8 +59,13 @@ def _worker(n_cells: int, variant: str, repeats: int, dtype: str, accuracy: floa
         step()
         times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"n_atoms": len(atoms), "variant": variant, "time_s": float(np.median(times)),
-            "peak_rss_mb": peak / 1024.0, "rss_after_setup_mb": rss_before / 1024.0}
+    return {
+        "n_atoms": len(atoms),
+        "variant": variant,
+        "time_s": float(np.median(times)),
+        "peak_rss_mb": peak / 1024.0,
+        "rss_after_setup_mb": rss_before / 1024.0,
+    }
 
 
 def main() -> None:
@@ -73,30 +78,53 @@ def main() -> None:
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(_worker(int(args.worker[0]), args.worker[1], args.repeats, args.dtype, args.accuracy)))
+        print(
+            json.dumps(_worker(int(args.worker[0]), args.worker[1], args.repeats, args.dtype, args.accuracy))
+        )
         return
     rows = []
     for n in args.sizes:
         n_cells = round((n / 8) ** (1 / 3))
         for variant in ("base", "base+les"):
-            cmd = [sys.executable, __file__, "--worker", str(n_cells), variant, "--repeats", str(args.repeats),
-                   "--dtype", args.dtype, "--accuracy", str(args.accuracy)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                str(n_cells),
+                variant,
+                "--repeats",
+                str(args.repeats),
+                "--dtype",
+                args.dtype,
+                "--accuracy",
+                str(args.accuracy),
+            ]
             res = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if res.returncode != 0:
                 print(res.stderr[-3000:], file=sys.stderr)
                 raise SystemExit(f"worker failed for N={n} {variant}")
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-            print(f"  measured N={rows[-1]['n_atoms']:>6} {variant:9s} {rows[-1]['time_s']:.3f} s  {rows[-1]['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
-    print(f"\nLES overhead, energy+forces, {args.dtype}, accuracy {args.accuracy:g}, {os.environ.get('BENCH_THREADS', '2')} threads")
-    print(f"{'N':>7} | {'base s':>8} | {'+LES s':>8} | {'time +%':>7} | {'base MB':>8} | {'+LES MB':>8} | {'mem +%':>7} | {'LES s':>7} | {'LES s/(N lnN) ×1e6':>18}")
+            print(
+                f"  measured N={rows[-1]['n_atoms']:>6} {variant:9s} {rows[-1]['time_s']:.3f} s  {rows[-1]['peak_rss_mb']:.0f} MB",
+                file=sys.stderr,
+                flush=True,
+            )
+    print(
+        f"\nLES overhead, energy+forces, {args.dtype}, accuracy {args.accuracy:g}, {os.environ.get('BENCH_THREADS', '2')} threads"
+    )
+    print(
+        f"{'N':>7} | {'base s':>8} | {'+LES s':>8} | {'time +%':>7} | {'base MB':>8} | {'+LES MB':>8} | {'mem +%':>7} | {'LES s':>7} | {'LES s/(N lnN) ×1e6':>18}"
+    )
     print("-" * 100)
     for n in sorted({r["n_atoms"] for r in rows}):
         b = next(r for r in rows if r["n_atoms"] == n and r["variant"] == "base")
         lr = next(r for r in rows if r["n_atoms"] == n and r["variant"] == "base+les")
         extra = lr["time_s"] - b["time_s"]
-        print(f"{n:>7} | {b['time_s']:8.3f} | {lr['time_s']:8.3f} | {100 * extra / b['time_s']:7.1f} | "
-              f"{b['peak_rss_mb']:8.0f} | {lr['peak_rss_mb']:8.0f} | {100 * (lr['peak_rss_mb'] / b['peak_rss_mb'] - 1):7.1f} | "
-              f"{extra:7.3f} | {1e6 * extra / (n * math.log(n)):18.3f}")
+        print(
+            f"{n:>7} | {b['time_s']:8.3f} | {lr['time_s']:8.3f} | {100 * extra / b['time_s']:7.1f} | "
+            f"{b['peak_rss_mb']:8.0f} | {lr['peak_rss_mb']:8.0f} | {100 * (lr['peak_rss_mb'] / b['peak_rss_mb'] - 1):7.1f} | "
+            f"{extra:7.3f} | {1e6 * extra / (n * math.log(n)):18.3f}"
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

@@ -51,15 +51,25 @@ def main() -> None:
         return t1 - t0, t2 - t1, g_r + g_k
 
     log_ref = math.log(1e10)
-    ref = EwaldParameters("p3m", 2.0, 2.0 * math.sqrt(2 * (log_ref + 1)), mesh_spacing=0.12, interpolation_nodes=5)
+    ref = EwaldParameters(
+        "p3m", 2.0, 2.0 * math.sqrt(2 * (log_ref + 1)), mesh_spacing=0.12, interpolation_nodes=5
+    )
     _, _, g_ref = run(ref)
     log_eps = math.log(1 / args.accuracy)
     print(f"N={len(atoms)}, σ={sigma} Å, real-space cutoff for accuracy {args.accuracy:g}")
-    print(f"{'s':>5} {'a':>6} {'a/s':>6} {'mesh':>14} {'pairs':>9} {'t_real':>7} {'t_mesh':>7} {'relF':>8} {'C=relF/(a/s)^5':>15}")
+    print(
+        f"{'s':>5} {'a':>6} {'a/s':>6} {'mesh':>14} {'pairs':>9} {'t_real':>7} {'t_mesh':>7} {'relF':>8} {'C=relF/(a/s)^5':>15}"
+    )
     for split in (1.2, 1.5, 2.0, 2.5):
         for ratio in (0.3, 0.4, 0.5, 0.6, 0.7):
             spacing = ratio * split
-            p = EwaldParameters("p3m", split, split * math.sqrt(2 * (log_eps + 1)), mesh_spacing=spacing, interpolation_nodes=5)
+            p = EwaldParameters(
+                "p3m",
+                split,
+                split * math.sqrt(2 * (log_eps + 1)),
+                mesh_spacing=spacing,
+                interpolation_nodes=5,
+            )
             calc = _engine._p3m_calculator(p, pos.dtype, pos.device)
             shape = calc.mesh_shape(cell).tolist()
             if np.prod(shape) > 3e6:
@@ -69,7 +79,9 @@ def main() -> None:
             rel = float((g - g_ref).norm() / g_ref.norm())
             actual = float(atoms.cell.lengths()[0]) / shape[0]
             pairs = len(atoms) * len(atoms) / atoms.get_volume() * 2 / 3 * math.pi * p.rcut**3
-            print(f"{split:5.2f} {actual:6.3f} {actual / split:6.3f} {str(shape):>14} {pairs:9.0f} {t_r:7.3f} {t_k:7.3f} {rel:8.1e} {rel / (actual / split) ** 5:15.4f}")
+            print(
+                f"{split:5.2f} {actual:6.3f} {actual / split:6.3f} {str(shape):>14} {pairs:9.0f} {t_r:7.3f} {t_k:7.3f} {rel:8.1e} {rel / (actual / split) ** 5:15.4f}"
+            )
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ the :mod:`mace_lr.electrostatics` engine and the :mod:`mace_lr.testing` contract
 import mace as _mace  # noqa: F401  (mace sets the variable e3nn needs; import it first)
 
 from ._block import LongRangeBlock
-from ._model import LongRangeMACE, augment
 from ._io import load, save
+from ._model import LongRangeMACE, augment
 from .registry import available_blocks, get_block, register_block
 
 __version__ = "0.1.0"

@@ -88,4 +88,3 @@ class LongRangeBlock(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, config={self._config!r}"
-

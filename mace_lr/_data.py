@@ -10,10 +10,9 @@ from __future__ import annotations
 import logging
 from typing import Dict, List, Optional, Sequence
 
+import mace  # noqa: F401
 import numpy as np
 import torch
-
-import mace  # noqa: F401
 from mace import data as mace_data
 from mace.tools import torch_geometric
 from mace.tools.utils import AtomicNumberTable
@@ -31,12 +30,16 @@ def _check_atoms(atoms, z_table: Sequence[int], index: int) -> None:
 
         names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in unknown)
         known = ", ".join(chemical_symbols[z] for z in z_table)
-        raise ValueError(f"structure {index} contains element(s) {names} the model does not know; it knows {known}")
+        raise ValueError(
+            f"structure {index} contains element(s) {names} the model does not know; it knows {known}"
+        )
     pbc = atoms.get_pbc()
     if pbc.any():
         cell = np.asarray(atoms.get_cell())
         if tuple(pbc) == (True, True, True) and abs(np.linalg.det(cell)) < 1e-6:
-            raise ValueError(f"structure {index} is periodic (pbc={pbc.tolist()}) but its cell has zero volume")
+            raise ValueError(
+                f"structure {index} is periodic (pbc={pbc.tolist()}) but its cell has zero volume"
+            )
         if tuple(pbc) not in ((True, True, True), (True, True, False)):
             raise ValueError(
                 f"structure {index} has pbc={pbc.tolist()}; supported are fully periodic, "
@@ -90,12 +93,18 @@ def atoms_to_batch(
                         f"structure {index} has no atoms.info[{info_key!r}] ({key}), which a block "
                         "of this model requires; set it explicitly (e.g. 0 for a neutral system)"
                     )
-            atoms = atoms.copy() if external_field is not None and "external_field" not in atoms.info else atoms
+            atoms = (
+                atoms.copy() if external_field is not None and "external_field" not in atoms.info else atoms
+            )
             if external_field is not None and "external_field" not in atoms.info:
                 atoms.info["external_field"] = np.asarray(external_field, dtype=float)
-            config = mace_data.config_from_atoms(atoms, key_specification=keyspec, head_name=atoms.info.get("head", heads[0]))
+            config = mace_data.config_from_atoms(
+                atoms, key_specification=keyspec, head_name=atoms.info.get("head", heads[0])
+            )
             data_list.append(
-                mace_data.AtomicData.from_config(config, z_table=AtomicNumberTable([int(z) for z in z_table]), cutoff=r_max, heads=heads)
+                mace_data.AtomicData.from_config(
+                    config, z_table=AtomicNumberTable([int(z) for z in z_table]), cutoff=r_max, heads=heads
+                )
             )
         batch = torch_geometric.batch.Batch.from_data_list(data_list)
     finally:

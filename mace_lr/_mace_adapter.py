@@ -9,10 +9,9 @@ from __future__ import annotations
 import importlib
 from typing import Any, Dict, List
 
+import mace  # noqa: F401  (must be imported before e3nn on torch 2.13)
 import numpy as np
 import torch
-
-import mace  # noqa: F401  (must be imported before e3nn on torch 2.13)
 from e3nn import o3
 
 #: Modules whose classes and functions a saved base-model config may name.
@@ -56,9 +55,7 @@ def base_heads(model: torch.nn.Module) -> List[str]:
     return list(getattr(model, "heads", ["Default"]))
 
 
-def call_base(
-    model: torch.nn.Module, data: Dict[str, torch.Tensor], training: bool
-) -> Dict[str, Any]:
+def call_base(model: torch.nn.Module, data: Dict[str, torch.Tensor], training: bool) -> Dict[str, Any]:
     """Run the base model on already-strained data without letting it take derivatives."""
     return model(
         data,

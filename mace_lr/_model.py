@@ -14,16 +14,16 @@ logger = logging.getLogger(__name__)
 
 
 class LongRangeMACE(torch.nn.Module):
-    """A MACE model (called untouched) plus long-range blocks.
+    r"""A MACE model (called untouched) plus long-range blocks.
 
     One forward pass strains positions, periodic shifts **and** the cell with a symmetric
     displacement, runs the base model and every block on the strained geometry, sums the
     energies and takes forces, virials, stress and (on request) field responses from one
     autograd graph:
 
-    .. math:: E = E_\\mathrm{base} + \\sum_b E_b, \\quad F = -\\partial E/\\partial R,
-              \\quad \\sigma = \\frac{1}{\\Omega}\\partial E/\\partial \\varepsilon,
-              \\quad \\mu = -\\partial E/\\partial \\mathcal{E}
+    .. math:: E = E_\mathrm{base} + \sum_b E_b, \quad F = -\partial E/\partial R,
+              \quad \sigma = \frac{1}{\Omega}\partial E/\partial \varepsilon,
+              \quad \mu = -\partial E/\partial \mathcal{E}
 
     Args:
         base: a MACE model whose forward returns ``node_feats``.
@@ -94,6 +94,9 @@ class LongRangeMACE(torch.nn.Module):
                 ``batch``, ``ptr``, ``node_attrs``, ...) plus optional ``total_charge``
                 [n_graphs] e and ``external_field`` [n_graphs, 3] V/Å.
             training: keep the graph so losses on forces can be differentiated.
+            compute_force: forces ``-∂E/∂R`` [n_atoms, 3] eV/Å.
+            compute_virials: virials ``-∂E/∂ε`` [n_graphs, 3, 3] eV.
+            compute_stress: stress ``(1/Ω) ∂E/∂ε`` [n_graphs, 3, 3] eV/Å³ (the cell is strained too).
             compute_dipole: dipole ``-∂E/∂field`` [n_graphs, 3] e·Å.
             compute_born_charges: ``Z[i, α, β] = ∂F_iβ/∂field_α`` [n_atoms, 3, 3] e.
             compute_polarizability: ``-∂²E/∂field²`` [n_graphs, 3, 3] e·Å²/V.

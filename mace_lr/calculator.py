@@ -139,7 +139,11 @@ class MACELRCalculator(Calculator):
         if want_pol:
             res["polarizability"] = out["polarizability"].detach().cpu().numpy()[0]
         for key, value in out.items():
-            if key.endswith("_energy") and key not in ("lr_energy", "base_energy", "node_energy") and value is not None:
+            if (
+                key.endswith("_energy")
+                and key not in ("lr_energy", "base_energy", "node_energy")
+                and value is not None
+            ):
                 res[key] = float(value.detach()[0])
         self.results = res
 

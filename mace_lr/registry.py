@@ -147,9 +147,7 @@ def _discover() -> Dict[str, List[_Candidate]]:
         seen.add(key)
         dist, version = _distribution_of(ep)
         found.setdefault(ep.name, []).append(
-            _Candidate(
-                name=ep.name, target=ep.value, distribution=dist, version=version, entry_point=ep
-            )
+            _Candidate(name=ep.name, target=ep.value, distribution=dist, version=version, entry_point=ep)
         )
     return {
         name: sorted(cands, key=lambda c: (c.distribution or "", c.target))
@@ -269,8 +267,7 @@ def get_block(name: str) -> Type[LongRangeBlock]:
             ) from exc
         _check_block_class(
             obj,
-            f"Entry point {name} = {cand.target!r} of distribution {dist!r}{version}"
-            f" (block {name!r})",
+            f"Entry point {name} = {cand.target!r} of distribution {dist!r}{version} (block {name!r})",
         )
         _check_class_name(name, obj)
         _LOADED[key] = obj

@@ -16,12 +16,11 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-from typing import Any, Callable, Dict, List, Optional, Sequence
-
-import numpy as np
-import torch
+from typing import Any, Dict, List, Optional, Sequence
 
 import mace  # noqa: F401
+import numpy as np
+import torch
 
 from ._data import atoms_to_batch
 from ._model import LongRangeMACE, augment
@@ -76,7 +75,9 @@ def make_test_model(
             num_elements=n,
             hidden_irreps=o3.Irreps(hidden_irreps),
             MLP_irreps=o3.Irreps("16x0e"),
-            atomic_energies=np.linspace(-1.0, -2.0, n) if heads is None else np.tile(np.linspace(-1.0, -2.0, n), (len(heads), 1)),
+            atomic_energies=np.linspace(-1.0, -2.0, n)
+            if heads is None
+            else np.tile(np.linspace(-1.0, -2.0, n), (len(heads), 1)),
             avg_num_neighbors=8.0,
             atomic_numbers=list(atomic_numbers),
             correlation=2,
@@ -165,11 +166,20 @@ def assert_identity_at_init(
         got = evaluate(model, [atoms], compute_stress=True)
         for key in ("energy", "forces", "stress"):
             diff = float((ref[key] - got[key]).abs().max())
-            assert diff <= atol, f"identity at init: {key} differs from the base model by {diff:.3g} (> {atol:g}) for {atoms.get_chemical_formula()} pbc={atoms.pbc.tolist()}"
+            assert diff <= atol, (
+                f"identity at init: {key} differs from the base model by {diff:.3g} (> {atol:g}) "
+                f"for {atoms.get_chemical_formula()} pbc={atoms.pbc.tolist()}"
+            )
 
 
 def assert_forces_match_finite_differences(
-    model: LongRangeMACE, atoms, h: float = 1e-4, rtol: float = 1e-5, atol: float = 1e-6, max_components: int = 12, seed: int = 0
+    model: LongRangeMACE,
+    atoms,
+    h: float = 1e-4,
+    rtol: float = 1e-5,
+    atol: float = 1e-6,
+    max_components: int = 12,
+    seed: int = 0,
 ) -> None:
     """Forces agree with central differences of the energy (selected components)."""
     forces = evaluate(model, [atoms])["forces"].cpu().numpy()
@@ -183,7 +193,10 @@ def assert_forces_match_finite_differences(
         minus.positions[i, a] -= h
         fd = -(_energy(model, plus) - _energy(model, minus)) / (2 * h)
         err = abs(fd - forces[i, a])
-        assert err <= atol + rtol * abs(fd) + 1e-3 * h, f"force F[{i},{a}] = {forces[i, a]:.8g} but finite difference gives {fd:.8g} (error {err:.3g}) for pbc={atoms.pbc.tolist()}"
+        assert err <= atol + rtol * abs(fd) + 1e-3 * h, (
+            f"force F[{i},{a}] = {forces[i, a]:.8g} but finite difference gives {fd:.8g} "
+            f"(error {err:.3g}) for pbc={atoms.pbc.tolist()}"
+        )
 
 
 def assert_stress_matches_finite_differences(
@@ -205,7 +218,10 @@ def assert_stress_matches_finite_differences(
                 energies.append(_energy(model, strained))
             fd = (energies[0] - energies[1]) / (2 * h) / volume
             err = abs(fd - stress[a, b])
-            assert err <= atol + rtol * abs(fd), f"stress[{a},{b}] = {stress[a, b]:.8g} eV/Å³ but finite difference gives {fd:.8g} (error {err:.3g}) for pbc={atoms.pbc.tolist()}"
+            assert err <= atol + rtol * abs(fd), (
+                f"stress[{a},{b}] = {stress[a, b]:.8g} eV/Å³ but finite difference gives {fd:.8g} "
+                f"(error {err:.3g}) for pbc={atoms.pbc.tolist()}"
+            )
 
 
 def _random_rotation(seed: int) -> np.ndarray:
@@ -227,16 +243,24 @@ def assert_invariances(model: LongRangeMACE, atoms, atol: float = 1e-8, seed: in
     e0, f0 = float(ref["energy"][0]), ref["forces"].cpu().numpy()
     # translation
     moved = atoms.copy()
-    moved.positions += np.array([0.37, -1.21, 0.58]) if not atoms.pbc[2] or atoms.pbc.all() else np.array([0.37, -1.21, 0.0])
+    moved.positions += (
+        np.array([0.37, -1.21, 0.58]) if not atoms.pbc[2] or atoms.pbc.all() else np.array([0.37, -1.21, 0.0])
+    )
     out = evaluate(model, [moved])
-    assert abs(float(out["energy"][0]) - e0) <= atol * max(1, abs(e0)), f"translation changes the energy by {float(out['energy'][0]) - e0:.3g}"
+    assert abs(float(out["energy"][0]) - e0) <= atol * max(1, abs(e0)), (
+        f"translation changes the energy by {float(out['energy'][0]) - e0:.3g}"
+    )
     assert np.abs(out["forces"].cpu().numpy() - f0).max() <= 10 * atol, "translation changes the forces"
     # permutation
     perm = np.random.default_rng(seed).permutation(len(atoms))
     permuted = atoms[perm]
     out = evaluate(model, [permuted])
-    assert abs(float(out["energy"][0]) - e0) <= atol * max(1, abs(e0)), f"permutation changes the energy by {float(out['energy'][0]) - e0:.3g}"
-    assert np.abs(out["forces"].cpu().numpy() - f0[perm]).max() <= 10 * atol, "forces do not follow a permutation of the atoms"
+    assert abs(float(out["energy"][0]) - e0) <= atol * max(1, abs(e0)), (
+        f"permutation changes the energy by {float(out['energy'][0]) - e0:.3g}"
+    )
+    assert np.abs(out["forces"].cpu().numpy() - f0[perm]).max() <= 10 * atol, (
+        "forces do not follow a permutation of the atoms"
+    )
     # rotation
     if atoms.pbc.all() or not atoms.pbc.any():
         rot = _random_rotation(seed)
@@ -245,7 +269,9 @@ def assert_invariances(model: LongRangeMACE, atoms, atol: float = 1e-8, seed: in
         if atoms.pbc.all():
             rotated.set_cell(atoms.cell[:] @ rot.T, scale_atoms=False)
         out = evaluate(model, [rotated])
-        assert abs(float(out["energy"][0]) - e0) <= atol * max(1, abs(e0)), f"rotation changes the energy by {float(out['energy'][0]) - e0:.3g}"
+        assert abs(float(out["energy"][0]) - e0) <= atol * max(1, abs(e0)), (
+            f"rotation changes the energy by {float(out['energy'][0]) - e0:.3g}"
+        )
         err = np.abs(out["forces"].cpu().numpy() - f0 @ rot.T).max()
         assert err <= 10 * atol, f"forces do not rotate with the structure (error {err:.3g})"
 
@@ -260,7 +286,9 @@ def assert_batch_consistency(model: LongRangeMACE, systems: Sequence, atol: floa
         de = abs(float(batched["energy"][g] - single["energy"][0]))
         df = float((batched["forces"][start : start + n] - single["forces"]).abs().max())
         ds = float((batched["stress"][g] - single["stress"][0]).abs().max())
-        assert max(de, df, ds) <= atol, f"batch vs single for structure {g}: energy {de:.3g}, forces {df:.3g}, stress {ds:.3g}"
+        assert max(de, df, ds) <= atol, (
+            f"batch vs single for structure {g}: energy {de:.3g}, forces {df:.3g}, stress {ds:.3g}"
+        )
         start += n
 
 
@@ -270,9 +298,13 @@ def assert_dtype_consistency(model: LongRangeMACE, atoms, rtol: float = 1e-4) ->
     m32 = copy.deepcopy(model).to(torch.float32)
     o64 = evaluate(m64, [atoms])
     o32 = evaluate(m32, [atoms])
-    assert o32["energy"].dtype == torch.float32 and o32["forces"].dtype == torch.float32, "float32 model returned non-float32 outputs"
+    assert o32["energy"].dtype == torch.float32 and o32["forces"].dtype == torch.float32, (
+        "float32 model returned non-float32 outputs"
+    )
     de = abs(float(o64["energy"][0]) - float(o32["energy"][0]))
-    assert de <= rtol * max(1.0, abs(float(o64["energy"][0]))), f"float32 energy differs from float64 by {de:.3g}"
+    assert de <= rtol * max(1.0, abs(float(o64["energy"][0]))), (
+        f"float32 energy differs from float64 by {de:.3g}"
+    )
     fscale = max(1.0, float(o64["forces"].abs().max()))
     df = float((o64["forces"] - o32["forces"].double()).abs().max())
     assert df <= 10 * rtol * fscale, f"float32 forces differ from float64 by {df:.3g}"
@@ -280,7 +312,8 @@ def assert_dtype_consistency(model: LongRangeMACE, atoms, rtol: float = 1e-4) ->
 
 def assert_parameters_train_and_save(model: LongRangeMACE, systems: Sequence) -> None:
     """Every block parameter gets a gradient from an energy+force loss, is in
-    ``model.parameters()`` (so the optimiser sees it) and survives save/load."""
+    ``model.parameters()`` (so the optimiser sees it) and survives save/load.
+    """
     from ._io import load, save
 
     model = copy.deepcopy(model).train()
@@ -293,7 +326,9 @@ def assert_parameters_train_and_save(model: LongRangeMACE, systems: Sequence) ->
     for bname, block in model.blocks.items():
         for pname, p in block.named_parameters():
             assert id(p) in ids, f"parameter {bname}.{pname} is not in model.parameters()"
-            assert p.grad is not None and bool(torch.isfinite(p.grad).all()), f"parameter {bname}.{pname} gets no finite gradient from an energy+force loss"
+            assert p.grad is not None and bool(torch.isfinite(p.grad).all()), (
+                f"parameter {bname}.{pname} gets no finite gradient from an energy+force loss"
+            )
             assert float(p.grad.abs().max()) > 0, f"parameter {bname}.{pname} gets an all-zero gradient"
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "m.model")
@@ -302,17 +337,24 @@ def assert_parameters_train_and_save(model: LongRangeMACE, systems: Sequence) ->
     for bname, block in model.blocks.items():
         state = block.state_dict()
         lstate = loaded.blocks[bname].state_dict()
-        assert set(state) == set(lstate), f"block {bname} state keys changed on save/load: {set(state) ^ set(lstate)}"
+        assert set(state) == set(lstate), (
+            f"block {bname} state keys changed on save/load: {set(state) ^ set(lstate)}"
+        )
         for k in state:
-            assert torch.equal(state[k].cpu(), lstate[k].cpu()), f"block {bname} tensor {k} changed on save/load"
+            assert torch.equal(state[k].cpu(), lstate[k].cpu()), (
+                f"block {bname} tensor {k} changed on save/load"
+            )
     a = evaluate(model.eval(), list(systems))
     b = evaluate(loaded, list(systems))
     assert torch.allclose(a["energy"], b["energy"], rtol=0, atol=1e-12), "energies changed after save/load"
 
 
-def assert_born_charges_match_finite_differences(model: LongRangeMACE, atoms, field_step: float = 1e-3, atol: float = 1e-5) -> None:
+def assert_born_charges_match_finite_differences(
+    model: LongRangeMACE, atoms, field_step: float = 1e-3, atol: float = 1e-5
+) -> None:
     """``Z[i, α, β] = ∂F_iβ/∂E_α`` agrees with central differences of forces in the field;
-    and the acoustic sum rule ``Σ_i Z_i = ∂(Σ_i F_i)/∂E`` holds."""
+    and the acoustic sum rule ``Σ_i Z_i = ∂(Σ_i F_i)/∂E`` holds.
+    """
     out = evaluate(model, [atoms], compute_born_charges=True)
     bec = out["born_effective_charges"].cpu().numpy()
     for alpha in range(3):
@@ -325,7 +367,9 @@ def assert_born_charges_match_finite_differences(model: LongRangeMACE, atoms, fi
             forces.append(evaluate(model, [a])["forces"].cpu().numpy())
         fd = (forces[0] - forces[1]) / (2 * field_step)
         err = np.abs(fd - bec[:, alpha, :]).max()
-        assert err <= atol, f"Born charges Z[:, {alpha}, :] differ from finite differences of forces by {err:.3g}"
+        assert err <= atol, (
+            f"Born charges Z[:, {alpha}, :] differ from finite differences of forces by {err:.3g}"
+        )
 
 
 def assert_scriptable(model: LongRangeMACE, atoms, atol: float = 1e-10) -> None:
@@ -346,7 +390,9 @@ def assert_scriptable(model: LongRangeMACE, atoms, atol: float = 1e-10) -> None:
     assert max(de, df) <= atol, f"scripted blocks differ from eager: energy {de:.3g}, forces {df:.3g}"
 
 
-def run_block_contract(name: str, config: Optional[Dict[str, Any]] = None, base: Optional[torch.nn.Module] = None) -> None:
+def run_block_contract(
+    name: str, config: Optional[Dict[str, Any]] = None, base: Optional[torch.nn.Module] = None
+) -> None:
     """Run every contract check on block ``name`` attached to a small MACE model."""
     base = base if base is not None else make_test_model()
     model = augment(base, {name: dict(config or {})})

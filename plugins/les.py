@@ -1,12 +1,12 @@
-"""LES — latent Ewald summation: learned local charges interacting through Coulomb's law.
+r"""LES — latent Ewald summation: learned local charges interacting through Coulomb's law.
 
-Each atom's invariant features give a latent charge :math:`\\tilde q_i`; the block energy
+Each atom's invariant features give a latent charge :math:`\tilde q_i`; the block energy
 is the Coulomb energy of Gaussian charges of width σ (physics.md, "LES")
 
-.. math:: E = \\gamma\\, \\frac{k_e}{2} \\sum_{i \\ne j} \\tilde q_i \\tilde q_j
-          \\frac{\\operatorname{erf}(r_{ij}/\\sqrt{2}\\sigma)}{r_{ij}}
-          - \\mathcal{E}\\cdot\\sum_i q_i \\mathbf{r}_i,
-   \\qquad q_i = \\sqrt{\\gamma}\\,\\tilde q_i ,
+.. math:: E = \gamma\, \frac{k_e}{2} \sum_{i \ne j} \tilde q_i \tilde q_j
+          \frac{\operatorname{erf}(r_{ij}/\sqrt{2}\sigma)}{r_{ij}}
+          - \mathcal{E}\cdot\sum_i q_i \mathbf{r}_i,
+   \qquad q_i = \sqrt{\gamma}\,\tilde q_i ,
 
 (Ewald/P3M sum over images for periodic cells, slab correction for ``pbc=[T,T,F]``).
 The coupling γ = max(a, 0) of a learnable ``a`` (``coupling_init``, default 0) makes the
@@ -19,7 +19,6 @@ values when the data ask for electrostatics; γ itself is never negative. The re
 A dipole-only loss gives no gradient while γ = 0 (√γ has an infinite slope there);
 start such runs with ``coupling_init > 0``.
 """
-
 
 import logging
 from typing import Any, Dict, List, Sequence
@@ -106,7 +105,12 @@ class LESBlock(LongRangeBlock):
 
     @torch.jit.ignore
     def coulomb_energies(
-        self, positions: torch.Tensor, charges: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, ptr: torch.Tensor
+        self,
+        positions: torch.Tensor,
+        charges: torch.Tensor,
+        cell: torch.Tensor,
+        pbc: torch.Tensor,
+        ptr: torch.Tensor,
     ) -> torch.Tensor:
         """Coulomb energy of each graph [n_graphs], eV (runs in Python under TorchScript)."""
         bounds = ptr.tolist()
@@ -115,8 +119,13 @@ class LESBlock(LongRangeBlock):
         for g in range(len(bounds) - 1):
             a, b = bounds[g], bounds[g + 1]
             phi = coulomb_potential(
-                positions[a:b], charges[a:b], cell[g], flags[g],
-                smearing=self.smearing, accuracy=self.accuracy, method=self.method,
+                positions[a:b],
+                charges[a:b],
+                cell[g],
+                flags[g],
+                smearing=self.smearing,
+                accuracy=self.accuracy,
+                method=self.method,
             )
             energies.append(0.5 * (charges[a:b] * phi).sum())
         if not energies:

@@ -35,7 +35,13 @@ def random_box(n: int, density: float = 0.05, seed: int = 0, neutral: bool = Tru
     length = (n / density) ** (1.0 / 3.0)
     cell = np.eye(3) * length
     if triclinic:
-        cell = np.array([[length, 0.0, 0.0], [0.3 * length, 0.9 * length, 0.0], [-0.2 * length, 0.25 * length, 1.1 * length]])
+        cell = np.array(
+            [
+                [length, 0.0, 0.0],
+                [0.3 * length, 0.9 * length, 0.0],
+                [-0.2 * length, 0.25 * length, 1.1 * length],
+            ]
+        )
     frac = rng.random((n, 3))
     positions = frac @ cell
     charges = rng.normal(size=n)

@@ -118,9 +118,7 @@ def test_results_equal_direct_model_evaluation(model, calc, systems, key):
     np.testing.assert_allclose(forces, ref["forces"].numpy(), rtol=0, atol=1e-10)
     np.testing.assert_allclose(calc.results["charges"], ref["charges"].numpy(), rtol=0, atol=1e-12)
     np.testing.assert_allclose(calc.results["dipole"], ref["dipole"][0].numpy(), rtol=0, atol=1e-10)
-    assert float(np.abs(calc.results["charges"]).max()) > 1e-3, (
-        "perturbed LES model has zero charges"
-    )
+    assert float(np.abs(calc.results["charges"]).max()) > 1e-3, "perturbed LES model has zero charges"
     if key == "periodic":
         stress = atoms.get_stress()
         assert stress.shape == (6,)
@@ -182,9 +180,7 @@ def test_changing_field_invalidates_results(calc, systems, key):
 
 def test_constructor_field_applies_to_structures_without_their_own(calc, systems):
     field = [0.0, 2.0e-3, -1.0e-3]
-    with_default = mace_lr.MACELRCalculator(
-        model_paths=copy.deepcopy(calc.model), external_field=field
-    )
+    with_default = mace_lr.MACELRCalculator(model_paths=copy.deepcopy(calc.model), external_field=field)
     a = _fresh(systems, "open", with_default)
     b = _fresh(systems, "open", calc)
     b.info["external_field"] = np.array(field)
@@ -248,32 +244,22 @@ def test_polarizability_of_fixed_charge_model_is_zero(calc, systems):
 def test_bad_external_field_shape(calc, systems):
     atoms = _fresh(systems, "open", calc)
     atoms.info["external_field"] = [1.0e-3, 0.0]
-    with pytest.raises(
-        ValueError, match=r"external_field'\] must be a 3-vector in V/Å, got shape \(2,\)"
-    ):
+    with pytest.raises(ValueError, match=r"external_field'\] must be a 3-vector in V/Å, got shape \(2,\)"):
         atoms.get_potential_energy()
-    with pytest.raises(
-        ValueError, match=r"external_field must be a 3-vector in V/Å, got shape \(2, 2\)"
-    ):
-        mace_lr.MACELRCalculator(
-            model_paths=copy.deepcopy(calc.model), external_field=np.zeros((2, 2))
-        )
+    with pytest.raises(ValueError, match=r"external_field must be a 3-vector in V/Å, got shape \(2, 2\)"):
+        mace_lr.MACELRCalculator(model_paths=copy.deepcopy(calc.model), external_field=np.zeros((2, 2)))
 
 
 def test_unknown_element(calc, systems):
     atoms = systems["open"].copy()
     atoms.numbers[0] = 8
     atoms.calc = calc
-    with pytest.raises(
-        ValueError, match=r"element\(s\) O \(Z=8\) the model does not know; it knows Na, Cl"
-    ):
+    with pytest.raises(ValueError, match=r"element\(s\) O \(Z=8\) the model does not know; it knows Na, Cl"):
         atoms.get_potential_energy()
 
 
 def test_bad_dtype_and_missing_file(model_path, tmp_path):
-    with pytest.raises(
-        ValueError, match=r"default_dtype must be 'float32' or 'float64', got 'float16'"
-    ):
+    with pytest.raises(ValueError, match=r"default_dtype must be 'float32' or 'float64', got 'float16'"):
         mace_lr.MACELRCalculator(model_paths=model_path, default_dtype="float16")
     with pytest.raises(FileNotFoundError, match="no model file"):
         mace_lr.MACELRCalculator(model_paths=str(tmp_path / "missing.model"))

@@ -1,7 +1,6 @@
 """mace_lr_run_train / mace_lr_eval_configs: flags, preflight errors, a short fine-tune."""
 
 import glob
-import os
 import subprocess
 import sys
 
@@ -44,20 +43,61 @@ def workdir(tmp_path_factory):
 
 def _args(workdir, name, epochs, extra=()):
     return [
-        "--name", name, "--foundation_model", str(workdir / "found.model"), "--lr_blocks", "les",
-        "--lr_config", '{"smearing": 1.1}',
-        "--train_file", str(workdir / "train.xyz"), "--valid_fraction", "0.25",
-        "--energy_key", "REF_energy", "--forces_key", "REF_forces", "--max_num_epochs", str(epochs),
-        "--batch_size", "3", "--device", "cpu", "--default_dtype", "float64", "--E0s", "{11: -1.0, 17: -2.0}",
-        "--seed", "1", "--model_dir", str(workdir), "--checkpoints_dir", str(workdir / "ckpt"),
-        "--log_dir", str(workdir / "logs"), "--results_dir", str(workdir / "results"), "--lr", "0.01",
-        "--pin_memory", "False", *extra,
+        "--name",
+        name,
+        "--foundation_model",
+        str(workdir / "found.model"),
+        "--lr_blocks",
+        "les",
+        "--lr_config",
+        '{"smearing": 1.1}',
+        "--train_file",
+        str(workdir / "train.xyz"),
+        "--valid_fraction",
+        "0.25",
+        "--energy_key",
+        "REF_energy",
+        "--forces_key",
+        "REF_forces",
+        "--max_num_epochs",
+        str(epochs),
+        "--batch_size",
+        "3",
+        "--device",
+        "cpu",
+        "--default_dtype",
+        "float64",
+        "--E0s",
+        "{11: -1.0, 17: -2.0}",
+        "--seed",
+        "1",
+        "--model_dir",
+        str(workdir),
+        "--checkpoints_dir",
+        str(workdir / "ckpt"),
+        "--log_dir",
+        str(workdir / "logs"),
+        "--results_dir",
+        str(workdir / "results"),
+        "--lr",
+        "0.01",
+        "--pin_memory",
+        "False",
+        *extra,
     ]
 
 
 def test_help_lists_new_flags():
-    out = subprocess.run([sys.executable, "-m", "mace_lr.cli.run_train", "--help"], capture_output=True, text=True, check=True).stdout
-    for flag in ("--lr_blocks", "--lr_config", "--lr_charges_weight", "--foundation_model", "--dipole_weight"):
+    out = subprocess.run(
+        [sys.executable, "-m", "mace_lr.cli.run_train", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for flag in (
+        "--lr_blocks",
+        "--lr_config",
+        "--lr_charges_weight",
+        "--foundation_model",
+        "--dipole_weight",
+    ):
         assert flag in out
 
 
@@ -155,17 +195,31 @@ def test_finetune_restart_and_reload(workdir):
     argv[argv.index(str(workdir / "found.model"))] = str(workdir / "straight.model")
     cli.main(argv)
     second = mace_lr.load(workdir / "second.model")
-    assert abs(float(second.blocks["les"].coupling.detach()) - float(model.blocks["les"].coupling.detach())) < 0.05
+    assert (
+        abs(float(second.blocks["les"].coupling.detach()) - float(model.blocks["les"].coupling.detach()))
+        < 0.05
+    )
     assert float(second.blocks["les"].coupling.detach()) != 0.0
     # and they keep training (every block parameter is in the optimiser)
-    for (name, p1), (_, p2) in zip(model.blocks["les"].named_parameters(), second.blocks["les"].named_parameters()):
+    for (name, p1), (_, p2) in zip(
+        model.blocks["les"].named_parameters(), second.blocks["les"].named_parameters()
+    ):
         assert not torch.equal(p1, p2), name
 
     # eval_configs writes the long-range outputs
     from mace_lr.cli import eval_configs
 
-    eval_configs.main(["--configs", str(workdir / "train.xyz"), "--model", str(workdir / "straight.model"),
-                       "--output", str(workdir / "out.xyz"), "--compute_bec"])
+    eval_configs.main(
+        [
+            "--configs",
+            str(workdir / "train.xyz"),
+            "--model",
+            str(workdir / "straight.model"),
+            "--output",
+            str(workdir / "out.xyz"),
+            "--compute_bec",
+        ]
+    )
     out = ase.io.read(workdir / "out.xyz", index=":")
     assert len(out) == len(frames) + 9 or len(out) > 0
     assert "MACE_charges" in out[0].arrays and "MACE_lr_energy" in out[0].info

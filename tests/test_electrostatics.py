@@ -3,18 +3,24 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from mace_lr.electrostatics import COULOMB_CONSTANT, coulomb_energy, coulomb_potential
-from mace_lr.electrostatics import _engine, _kernels
-
 from helpers import MADELUNG, direct_open_energy, madelung_system, random_box
+
+from mace_lr.electrostatics import (
+    COULOMB_CONSTANT,
+    _engine,
+    _kernels,
+    coulomb_energy,
+    coulomb_potential,
+)
 
 
 @pytest.mark.parametrize("name", sorted(MADELUNG))
 @pytest.mark.parametrize("method", ["ewald", "p3m"])
 def test_madelung_constants(name, method):
     atoms, q, nn, constant = madelung_system(name)
-    energy = coulomb_energy(torch.tensor(atoms.positions), q, torch.tensor(atoms.cell[:]), True, accuracy=1e-7, method=method)
+    energy = coulomb_energy(
+        torch.tensor(atoms.positions), q, torch.tensor(atoms.cell[:]), True, accuracy=1e-7, method=method
+    )
     madelung = -float(energy) * nn / (COULOMB_CONSTANT * len(atoms) / 2)
     assert abs(madelung - constant) / constant < 1e-6
 
@@ -92,7 +98,9 @@ def test_open_boundaries_equal_direct_pair_sum(sigma):
     e = coulomb_energy(torch.tensor(pos), torch.tensor(q), None, False, smearing=sigma)
     assert abs(float(e) - ref) < 1e-10 * abs(ref)
     # chunking does not change the result
-    phi_small = _engine._open_potential(torch.tensor(pos), torch.tensor(q)[:, None], sigma or 0.0, chunk_size=7)
+    phi_small = _engine._open_potential(
+        torch.tensor(pos), torch.tensor(q)[:, None], sigma or 0.0, chunk_size=7
+    )
     phi = coulomb_potential(torch.tensor(pos), torch.tensor(q), None, False, smearing=sigma)
     assert torch.allclose(phi_small[:, 0] * COULOMB_CONSTANT, phi, rtol=0, atol=1e-12)
 
@@ -155,7 +163,10 @@ def test_slab_forces_match_finite_differences():
         p1, p2 = pos.detach().clone(), pos.detach().clone()
         p1[i, a] += h
         p2[i, a] -= h
-        fd = (coulomb_energy(p1, q, cell, [True, True, False], smearing=0.8) - coulomb_energy(p2, q, cell, [True, True, False], smearing=0.8)) / (2 * h)
+        fd = (
+            coulomb_energy(p1, q, cell, [True, True, False], smearing=0.8)
+            - coulomb_energy(p2, q, cell, [True, True, False], smearing=0.8)
+        ) / (2 * h)
         assert abs(float((fd - g[i, a]).detach())) < 1e-6 * max(1.0, abs(float(fd)))
 
 
@@ -181,7 +192,9 @@ def test_net_charge_is_noted_once(caplog):
 
 def test_input_validation_messages():
     pos, q, cell = random_box(10, seed=0)
-    with pytest.raises(ValueError, match=r"`positions` must be a tensor with shape \[n_atoms, 3\], got \(10, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"`positions` must be a tensor with shape \[n_atoms, 3\], got \(10, 2\)"
+    ):
         coulomb_energy(pos[:, :2], q, cell, True)
     with pytest.raises(ValueError, match=r"`charges` must be a tensor with shape \[n_atoms\]"):
         coulomb_energy(pos, q[:5], cell, True)

@@ -34,12 +34,21 @@ def test_identity_at_init_float64(kind, systems):
         torch.set_default_dtype(torch.float64)
         try:
             base = MACE(
-                r_max=4.0, num_bessel=6, num_polynomial_cutoff=5, max_ell=1,
+                r_max=4.0,
+                num_bessel=6,
+                num_polynomial_cutoff=5,
+                max_ell=1,
                 interaction_cls=RealAgnosticResidualInteractionBlock,
                 interaction_cls_first=RealAgnosticResidualInteractionBlock,
-                num_interactions=2, num_elements=2, hidden_irreps=o3.Irreps("4x0e+4x1o"),
-                MLP_irreps=o3.Irreps("8x0e"), atomic_energies=np.array([-1.0, -2.0]),
-                avg_num_neighbors=6.0, atomic_numbers=[11, 17], correlation=2, gate=torch.nn.functional.silu,
+                num_interactions=2,
+                num_elements=2,
+                hidden_irreps=o3.Irreps("4x0e+4x1o"),
+                MLP_irreps=o3.Irreps("8x0e"),
+                atomic_energies=np.array([-1.0, -2.0]),
+                avg_num_neighbors=6.0,
+                atomic_numbers=[11, 17],
+                correlation=2,
+                gate=torch.nn.functional.silu,
             )
         finally:
             torch.set_default_dtype(torch.float32)
@@ -85,7 +94,11 @@ def test_born_charges_acoustic_sum_rule(base, systems):
     # Z differs from q_i I because the charges respond to displacements
     diag = torch.stack([z[i].diagonal() for i in range(len(z))])
     assert float((diag - out["charges"][:, None]).abs().max()) > 1e-4
-    assert torch.allclose(out["dipole"][0], (out["charges"][:, None] * torch.tensor(systems["open"].positions)).sum(0), atol=1e-10)
+    assert torch.allclose(
+        out["dipole"][0],
+        (out["charges"][:, None] * torch.tensor(systems["open"].positions)).sum(0),
+        atol=1e-10,
+    )
     assert float(out["polarizability"].abs().max()) == 0.0  # linear response block
 
 
@@ -129,7 +142,11 @@ def test_load_names_missing_block_distribution(base, tmp_path, monkeypatch):
     from mace_lr import registry
 
     real = registry._iter_entry_points
-    monkeypatch.setattr(registry, "_iter_entry_points", lambda: [ep for ep in real() if ep.name != "fixture_constant"])
+    monkeypatch.setattr(
+        registry, "_iter_entry_points", lambda: [ep for ep in real() if ep.name != "fixture_constant"]
+    )
     registry._LOADED.clear() if hasattr(registry, "_LOADED") else None
-    with pytest.raises(MissingBlockError, match=r"needs block 'fixture_constant' from mace-lr-fixture-plugin==0\.0\.1"):
+    with pytest.raises(
+        MissingBlockError, match=r"needs block 'fixture_constant' from mace-lr-fixture-plugin==0\.0\.1"
+    ):
         mace_lr.load(path)

@@ -213,9 +213,7 @@ def test_broken_plugin_error_names_block_distribution_and_target():
 
 
 def test_broken_plugin_error_wraps_any_exception(monkeypatch, tmp_path):
-    dist = _make_dist(
-        tmp_path, "attr-dist", "3.1", {"missing_attr": "mace_lr_fixture_plugin:DoesNotExist"}
-    )
+    dist = _make_dist(tmp_path, "attr-dist", "3.1", {"missing_attr": "mace_lr_fixture_plugin:DoesNotExist"})
     monkeypatch.setattr(registry, "_iter_entry_points", lambda: _eps(dist))
     with pytest.raises(
         BrokenBlockPluginError,

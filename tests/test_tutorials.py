@@ -37,6 +37,4 @@ def test_quickstart_fast(tmp_path):
     assert math.isfinite(drift) and abs(drift) < 1e-2, f"NVE drift {drift} eV/atom/ps"
     assert (out_dir / "nacl_les.model").is_file()
     assert (out_dir / "nve.csv").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["quickstart"], (
-        "files written outside --out"
-    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["quickstart"], "files written outside --out"

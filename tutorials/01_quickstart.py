@@ -64,9 +64,7 @@ def parse_args() -> argparse.Namespace:
         default=Path("tutorial_out"),
         help="folder for the files this script writes (default: tutorial_out/)",
     )
-    parser.add_argument(
-        "--fast", action="store_true", help="fewer epochs and MD steps (< 1 minute)"
-    )
+    parser.add_argument("--fast", action="store_true", help="fewer epochs and MD steps (< 1 minute)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads",
@@ -225,9 +223,7 @@ def errors(out: dict, ref: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def fine_tune(model: mace_lr.LongRangeMACE, dataset: list[Atoms], epochs: int) -> dict[str, float]:
     # The whole (tiny) dataset is one batch. `atoms_to_batch` builds the neighbour graph
     # and the long-range inputs (total charge, external field) from each Atoms object.
-    batch = atoms_to_batch(
-        dataset, model.atomic_numbers, model.r_max, heads=model.heads, dtype=torch.float64
-    )
+    batch = atoms_to_batch(dataset, model.atomic_numbers, model.r_max, heads=model.heads, dtype=torch.float64)
     ref = labels(dataset)
     les = model.blocks["les"]
     # LES starts with coupling γ = max(a, 0) = 0 (silent block) and reports charges
@@ -332,10 +328,7 @@ def main() -> None:
     # 1. reference data ------------------------------------------------------------------
     t0 = time.perf_counter()
     dataset = make_dataset(rng)
-    print(
-        f"[1] {len(dataset)} NaCl clusters labelled with GFN2-xTB in "
-        f"{time.perf_counter() - t0:.1f} s"
-    )
+    print(f"[1] {len(dataset)} NaCl clusters labelled with GFN2-xTB in {time.perf_counter() - t0:.1f} s")
     from ase.io import write
 
     write(args.out / "nacl_gfn2.extxyz", dataset)  # keep the data for later
@@ -346,14 +339,9 @@ def main() -> None:
         base = load_base(args.base, e0)
         print(f"[2] loaded base model {args.base}")
     else:
-        force_rms = float(
-            np.sqrt(np.mean(np.concatenate([a.arrays["ref_forces"] for a in dataset]) ** 2))
-        )
+        force_rms = float(np.sqrt(np.mean(np.concatenate([a.arrays["ref_forces"] for a in dataset]) ** 2)))
         base = build_base(e0, force_rms)
-        print(
-            f"[2] built a small random MACE model ({sum(p.numel() for p in base.parameters())} "
-            "parameters)"
-        )
+        print(f"[2] built a small random MACE model ({sum(p.numel() for p in base.parameters())} parameters)")
     print(f"    reference energies E0: Na {e0[NA]:.3f} eV, Cl {e0[CL]:.3f} eV")
 
     # 3. attach the LES block ------------------------------------------------------------
@@ -394,9 +382,7 @@ def main() -> None:
         f"    dipole  = {np.array2string(dipole, precision=3)} e·Å "
         f"(GFN2-xTB {np.array2string(cluster.info['ref_dipole'], precision=3)})"
     )
-    print(
-        "    atom   F_model (eV/Å)              F_xtb (eV/Å)            q_LES  q_Mulliken  tr(Z)/3"
-    )
+    print("    atom   F_model (eV/Å)              F_xtb (eV/Å)            q_LES  q_Mulliken  tr(Z)/3")
 
     def vec(v):
         return np.array2string(v, precision=3, suppress_small=True)

@@ -13,9 +13,8 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-import numpy as np
-
 import mace  # noqa: F401
+import numpy as np
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--default_dtype", default="float64", choices=["float32", "float64"])
     parser.add_argument("--info_prefix", default="MACE_", help="prefix of the written keys")
     parser.add_argument("--compute_bec", action="store_true", help="also write Born effective charges")
-    parser.add_argument("--allow_pickle", action="store_true", help="accept pickled model files (trusted only)")
+    parser.add_argument(
+        "--allow_pickle", action="store_true", help="accept pickled model files (trusted only)"
+    )
     return parser
 
 
@@ -40,7 +41,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s: %(message)s")
-    calc = MACELRCalculator(args.model, device=args.device, default_dtype=args.default_dtype, allow_pickle=args.allow_pickle)
+    calc = MACELRCalculator(
+        args.model, device=args.device, default_dtype=args.default_dtype, allow_pickle=args.allow_pickle
+    )
     frames = ase.io.read(args.configs, index=":")
     p = args.info_prefix
     out = []

@@ -27,15 +27,14 @@ import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
-import torch
-
 import mace  # noqa: F401  (before e3nn)
+import torch
 
 logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """mace's argument parser with the mace-lr options added."""
+    """Mace's argument parser with the mace-lr options added."""
     from mace.tools import build_default_arg_parser
 
     parser = build_default_arg_parser()
@@ -90,7 +89,9 @@ def parse_block_config(lr_blocks: Optional[str], lr_config: Optional[str]) -> Di
             config = {names[0]: config}
         else:
             extra = sorted(set(config) - set(names))
-            raise ValueError(f"--lr_config has options for block(s) {extra} not listed in --lr_blocks {names}")
+            raise ValueError(
+                f"--lr_config has options for block(s) {extra} not listed in --lr_blocks {names}"
+            )
     return {name: dict(config.get(name) or {}) for name in names}
 
 
@@ -114,11 +115,16 @@ def _data_keys_and_elements(path: str, info_keys: Sequence[str]) -> Dict[str, An
 
     frames = ase.io.read(path, index=":")
     elements = sorted({int(z) for atoms in frames for z in atoms.numbers})
-    missing = {key: sum(1 for atoms in frames if key not in atoms.info and key not in atoms.arrays) for key in info_keys}
+    missing = {
+        key: sum(1 for atoms in frames if key not in atoms.info and key not in atoms.arrays)
+        for key in info_keys
+    }
     return {"n": len(frames), "elements": elements, "missing": missing}
 
 
-def preflight(args: argparse.Namespace, argv: Sequence[str], specs: Dict[str, Dict[str, Any]], foundation) -> None:
+def preflight(
+    args: argparse.Namespace, argv: Sequence[str], specs: Dict[str, Dict[str, Any]], foundation
+) -> None:
     """Fail at start, with a message naming the problem, instead of mid-run."""
     from ase.data import chemical_symbols
 
@@ -152,7 +158,10 @@ def preflight(args: argparse.Namespace, argv: Sequence[str], specs: Dict[str, Di
             if count:
                 hint = ""
                 if key == args.total_charge_key:
-                    hint = " (the total charge; e.g. pass --total_charge_key charge if your file stores atoms.info['charge'])"
+                    hint = (
+                        " (the total charge; e.g. pass --total_charge_key charge if your file "
+                        "stores atoms.info['charge'])"
+                    )
                 raise ValueError(
                     f"{count} of {info['n']} structures in {args.train_file} lack the key {key!r}{hint}, "
                     "which the requested blocks/losses need"
@@ -165,7 +174,8 @@ def preflight(args: argparse.Namespace, argv: Sequence[str], specs: Dict[str, Di
                     names = ", ".join(chemical_symbols[z] for z in uncovered)
                     raise ValueError(
                         f"the foundation model {args.foundation_model} does not know element(s) {names} "
-                        f"present in {args.train_file}; it covers {', '.join(chemical_symbols[z] for z in fz)}"
+                        f"present in {args.train_file}; it covers "
+                        f"{', '.join(chemical_symbols[z] for z in fz)}"
                     )
 
 
@@ -183,10 +193,10 @@ def _dipole_requested(argv: Sequence[str]) -> bool:
 
 
 class LongRangeLoss(torch.nn.Module):
-    """mace's loss plus optional dipole and charge terms on the blocks' outputs.
+    r"""mace's loss plus optional dipole and charge terms on the blocks' outputs.
 
-    .. math:: L = L_\\mathrm{mace} + w_\\mu \\langle|\\mu - \\mu_\\mathrm{ref}|^2\\rangle
-              + w_q \\langle (q_i - q_{i,\\mathrm{ref}})^2 \\rangle
+    .. math:: L = L_\mathrm{mace} + w_\mu \langle|\mu - \mu_\mathrm{ref}|^2\rangle
+              + w_q \langle (q_i - q_{i,\mathrm{ref}})^2 \rangle
     """
 
     def __init__(self, base_loss: torch.nn.Module, dipole_weight: float = 0.0, charges_weight: float = 0.0):
@@ -196,7 +206,11 @@ class LongRangeLoss(torch.nn.Module):
         self.charges_weight = float(charges_weight)
 
     def forward(self, ref, pred, ddp: Optional[bool] = None) -> torch.Tensor:
-        loss = self.base_loss(ref=ref, pred=pred, ddp=ddp) if ddp is not None else self.base_loss(ref=ref, pred=pred)
+        loss = (
+            self.base_loss(ref=ref, pred=pred, ddp=ddp)
+            if ddp is not None
+            else self.base_loss(ref=ref, pred=pred)
+        )
         if self.dipole_weight > 0:
             if pred.get("dipole") is None:
                 raise RuntimeError("a dipole loss was requested but no block of this model predicts a dipole")
@@ -206,7 +220,10 @@ class LongRangeLoss(torch.nn.Module):
         return loss
 
     def __repr__(self) -> str:
-        return f"LongRangeLoss({self.base_loss!r}, dipole_weight={self.dipole_weight}, charges_weight={self.charges_weight})"
+        return (
+            f"LongRangeLoss({self.base_loss!r}, dipole_weight={self.dipole_weight}, "
+            f"charges_weight={self.charges_weight})"
+        )
 
 
 class _EpochSeededLoader:
@@ -235,7 +252,13 @@ class _EpochSeededLoader:
 
 
 @contextlib.contextmanager
-def _hooks(specs: Dict[str, Dict[str, Any]], carried: Optional[Dict[str, Any]], dipole_weight: float, charges_weight: float, seed: int):
+def _hooks(
+    specs: Dict[str, Dict[str, Any]],
+    carried: Optional[Dict[str, Any]],
+    dipole_weight: float,
+    charges_weight: float,
+    seed: int,
+):
     """Patch mace's run_train module for the duration of one run."""
     from mace.cli import run_train as rt
 
@@ -273,7 +296,9 @@ def _hooks(specs: Dict[str, Dict[str, Any]], carried: Optional[Dict[str, Any]], 
             group["params"] = list(group["params"])
         for name, block in model.blocks.items():
             params = [p for p in block.parameters() if id(p) not in seen]
-            options["params"].append({"name": f"lr_{name}", "params": params, "weight_decay": 0.0, "lr": args.lr})
+            options["params"].append(
+                {"name": f"lr_{name}", "params": params, "weight_decay": 0.0, "lr": args.lr}
+            )
             logger.info("optimiser group lr_%s: %d tensors", name, len(params))
         return options
 
@@ -305,13 +330,21 @@ def _hooks(specs: Dict[str, Dict[str, Any]], carried: Optional[Dict[str, Any]], 
             k["train_loader"] = _EpochSeededLoader(loader, seed, k.get("start_epoch", 0))
         return orig_train(*a, **k)
 
-    rt.configure_model, rt.get_params_options, rt.get_loss_fn = configure_model, get_params_options, get_loss_fn
+    rt.configure_model, rt.get_params_options, rt.get_loss_fn = (
+        configure_model,
+        get_params_options,
+        get_loss_fn,
+    )
     rt.tools.train = train
     handler_cls.load_latest = load_latest
     try:
         yield
     finally:
-        rt.configure_model, rt.get_params_options, rt.get_loss_fn = orig_configure, orig_params, orig_loss
+        rt.configure_model, rt.get_params_options, rt.get_loss_fn = (
+            orig_configure,
+            orig_params,
+            orig_loss,
+        )
         rt.tools.train = orig_train
         handler_cls.load_latest = orig_load_latest
 

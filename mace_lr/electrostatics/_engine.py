@@ -55,10 +55,11 @@ def validate_inputs(
             f"with n_atoms={n_atoms}, got {shape}"
         )
     if charges.dtype != positions.dtype:
-        raise ValueError(
-            f"`charges` dtype {charges.dtype} differs from `positions` dtype {positions.dtype}"
-        )
-    pbc_t = tuple(bool(p) for p in (torch.as_tensor(pbc).reshape(-1).tolist() if not isinstance(pbc, bool) else [pbc] * 3))
+        raise ValueError(f"`charges` dtype {charges.dtype} differs from `positions` dtype {positions.dtype}")
+    pbc_t = tuple(
+        bool(p)
+        for p in (torch.as_tensor(pbc).reshape(-1).tolist() if not isinstance(pbc, bool) else [pbc] * 3)
+    )
     if len(pbc_t) != 3:
         raise ValueError(f"`pbc` must have 3 entries, got {len(pbc_t)}")
     if pbc_t not in ((True, True, True), (False, False, False), (True, True, False)):
@@ -147,7 +148,9 @@ def _p3m_calculator(params: EwaldParameters, dtype: torch.dtype, device: torch.d
     if calc is None:
         from ._mesh import MeshKSpace
 
-        calc = MeshKSpace(params.split, params.mesh_spacing, params.interpolation_nodes).to(device=device, dtype=dtype)
+        calc = MeshKSpace(params.split, params.mesh_spacing, params.interpolation_nodes).to(
+            device=device, dtype=dtype
+        )
         _P3M_CACHE[key] = calc
         if len(_P3M_CACHE) > 8:
             _P3M_CACHE.popitem(last=False)
@@ -157,7 +160,11 @@ def _p3m_calculator(params: EwaldParameters, dtype: torch.dtype, device: torch.d
 
 
 def _reciprocal_space(
-    positions: torch.Tensor, charges: torch.Tensor, cell: torch.Tensor, params: EwaldParameters, smearing: float
+    positions: torch.Tensor,
+    charges: torch.Tensor,
+    cell: torch.Tensor,
+    params: EwaldParameters,
+    smearing: float,
 ) -> torch.Tensor:
     """k-space potential with self term and neutralising background removed."""
     volume = torch.abs(torch.linalg.det(cell))

@@ -1,8 +1,8 @@
-"""Pair kernels, parameter choice and the pieces of the Ewald sum (private).
+r"""Pair kernels, parameter choice and the pieces of the Ewald sum (private).
 
 Conventions: Gaussian charges of width ``σ`` interact through
 
-.. math:: v(r) = \\operatorname{erf}\\!\\left(\\frac{r}{\\sqrt{2}\\,\\sigma}\\right) / r,
+.. math:: v(r) = \operatorname{erf}\!\left(\frac{r}{\sqrt{2}\,\sigma}\right) / r,
 
 (``σ = 0``: point charges, ``v = 1/r``). The Ewald split uses a second width ``s ≥ σ``:
 ``v_lr(r) = erf(r/(√2 s))/r`` with Fourier transform ``4π exp(-s²k²/2)/k²`` (the same
@@ -157,10 +157,10 @@ def ewald_reciprocal_potential(
     kcut: float,
     max_chunk_elements: int = 4_000_000,
 ) -> torch.Tensor:
-    """Reciprocal-space potential of the Ewald sum (structure-factor form).
+    r"""Reciprocal-space potential of the Ewald sum (structure-factor form).
 
-    .. math:: \\phi_i = \\frac{8\\pi}{V} \\sum_{k>0} \\frac{e^{-s^2k^2/2}}{k^2}
-              \\operatorname{Re}\\left[e^{-ik\\cdot r_i} S(k)\\right]
+    .. math:: \phi_i = \frac{8\pi}{V} \sum_{k>0} \frac{e^{-s^2k^2/2}}{k^2}
+              \operatorname{Re}\left[e^{-ik\cdot r_i} S(k)\right]
 
     Args:
         positions: [n_atoms, 3] Å.
@@ -168,6 +168,7 @@ def ewald_reciprocal_potential(
         cell: [3, 3] Å.
         split: Ewald width ``s``, Å.
         kcut: reciprocal cutoff, 1/Å.
+        max_chunk_elements: bound on ``n_atoms × n_kvectors`` held at once (memory).
 
     Returns:
         [n_atoms, n_channels], the full potential (self term not removed), e/Å.

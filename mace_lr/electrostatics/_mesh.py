@@ -32,7 +32,11 @@ class MeshKSpace(torchpme.P3MCalculator):
     """k-space part of P3M for one Ewald width and mesh spacing (see module docs)."""
 
     def __init__(self, split: float, mesh_spacing: float, interpolation_nodes: int = 5):
-        super().__init__(torchpme.CoulombPotential(smearing=split), mesh_spacing=mesh_spacing, interpolation_nodes=interpolation_nodes)
+        super().__init__(
+            torchpme.CoulombPotential(smearing=split),
+            mesh_spacing=mesh_spacing,
+            interpolation_nodes=interpolation_nodes,
+        )
         self._cached: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     def mesh_shape(self, cell: torch.Tensor) -> torch.Tensor:

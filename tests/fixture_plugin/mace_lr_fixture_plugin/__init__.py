@@ -16,9 +16,7 @@ class ConstantBlock(LongRangeBlock):
 
     name = "fixture_constant"
 
-    def __init__(
-        self, feature_irreps: str = "0e", atomic_numbers=(1,), r_max: float = 5.0, **config
-    ) -> None:
+    def __init__(self, feature_irreps: str = "0e", atomic_numbers=(1,), r_max: float = 5.0, **config) -> None:
         super().__init__(feature_irreps, atomic_numbers, r_max, **config)
         self.scale = torch.nn.Parameter(torch.zeros(()))
 
