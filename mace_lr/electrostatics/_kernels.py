@@ -103,25 +103,27 @@ def choose_parameters(
         return EwaldParameters("ewald", split, rcut, kcut=kcut)
     if method != "p3m":
         raise ValueError(f"unknown electrostatics method {method!r}; use auto, ewald or p3m")
-    # P3M: relative force error measured against converged references on 2 cores
-    # (benchmarks/calibrate_p3m.py) follows err ≈ C (a/s)^p for mesh spacing a, with
-    # C ≈ 0.045 for p = 5 assignment nodes. Costs per pair / mesh point / atom were
-    # measured the same way (seconds, float64, 2 threads).
+    # P3M: the relative force error measured against converged references on 2 cores
+    # (benchmarks/calibrate_p3m.py) follows err ≈ C_p (a/s)^p for mesh spacing a and p
+    # assignment nodes, with C_4 ≈ 0.06 and C_5 ≈ 0.045 (conservative ends of the
+    # measured ranges). The cost model (seconds, float64, one thread) was fitted to the
+    # same runs: 0.35 µs per real-space pair, 0.13 µs per mesh point, and 8.5 µs (p = 4)
+    # or 14.6 µs (p = 5) per atom for charge assignment and interpolation.
     from ._mesh import fft_friendly
 
-    nodes = 5
-    spacing_over_split = (accuracy / 0.045) ** (1.0 / nodes)
     best: Optional[Tuple[float, EwaldParameters]] = None
-    for split in np.arange(0.8, 8.0, 0.05):
-        split = max(float(split), smearing)
-        rcut = 0.0 if split <= smearing else split * math.sqrt(2.0 * (log_eps + 1.0))
-        spacing = spacing_over_split * split
-        n_mesh = float(np.prod([max(8, fft_friendly(math.ceil(length / spacing))) for length in lengths]))
-        n_pairs = 0.5 * n_atoms * density * 4.0 / 3.0 * math.pi * rcut**3
-        cost = 0.31e-6 * n_pairs + 48e-9 * n_mesh + 13e-6 * n_atoms
-        cand = EwaldParameters("p3m", split, rcut, mesh_spacing=spacing, interpolation_nodes=nodes)
-        if best is None or cost < best[0]:
-            best = (cost, cand)
+    for nodes, const, per_atom in ((4, 0.06, 8.5e-6), (5, 0.045, 14.6e-6)):
+        spacing_over_split = (accuracy / const) ** (1.0 / nodes)
+        for split in np.arange(0.8, 8.0, 0.05):
+            split = max(float(split), smearing)
+            rcut = 0.0 if split <= smearing else split * math.sqrt(2.0 * (log_eps + 1.0))
+            spacing = spacing_over_split * split
+            n_mesh = float(np.prod([max(8, fft_friendly(math.ceil(length / spacing))) for length in lengths]))
+            n_pairs = 0.5 * n_atoms * density * 4.0 / 3.0 * math.pi * rcut**3
+            cost = 0.35e-6 * n_pairs + 0.13e-6 * n_mesh + per_atom * n_atoms
+            cand = EwaldParameters("p3m", split, rcut, mesh_spacing=spacing, interpolation_nodes=nodes)
+            if best is None or cost < best[0]:
+                best = (cost, cand)
     assert best is not None
     return best[1]
 
