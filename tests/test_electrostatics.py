@@ -130,6 +130,7 @@ def _slab(seed=0, net=0.0):
 def test_slab_independent_of_vacuum(net):
     pos, q, cell = _slab(net=net)
     # different accuracy targets give different vacuum heights; energies must agree
+    _engine._SLAB_HEIGHTS.clear()
     e1 = coulomb_energy(pos, q, cell, [True, True, False], accuracy=1e-6, method="ewald")
     assert _engine._slab_height(pos, cell[:2], 1e-6) != _engine._slab_height(pos, cell[:2], 1e-10)
     e2 = coulomb_energy(pos, q, cell, [True, True, False], accuracy=1e-10, method="ewald")
@@ -206,3 +207,15 @@ def test_input_validation_messages():
         coulomb_energy(pos, q, cell, [True, False, True])
     with pytest.raises(ValueError, match="dtype"):
         coulomb_energy(pos, q.float(), cell, True)
+
+
+def test_slab_height_stays_fixed_when_the_slab_breathes():
+    pos, q, cell = _slab(seed=3, net=2.0)
+    _engine._SLAB_HEIGHTS.clear()
+    h0 = _engine._slab_height(pos, cell[:2], 1e-6)
+    thinner = pos.clone()
+    thinner[:, 2] *= 0.5
+    assert _engine._slab_height(thinner, cell[:2], 1e-6) == h0
+    thicker = pos.clone()
+    thicker[:, 2] *= 4.0
+    assert _engine._slab_height(thicker, cell[:2], 1e-6) > h0

@@ -238,13 +238,33 @@ def _slab_frame(positions: torch.Tensor, cell: torch.Tensor) -> Tuple[torch.Tens
     return positions @ rot.T, cell[:2] @ rot.T
 
 
+_SLAB_HEIGHTS: "OrderedDict[tuple, float]" = OrderedDict()
+
+
 def _slab_height(positions: torch.Tensor, in_plane: torch.Tensor, accuracy: float) -> float:
+    """Height of the extended cell: slab thickness plus a vacuum set by the accuracy.
+
+    Remembered per system (atom count, in-plane cell, accuracy) and only ever increased,
+    so the height stays fixed along an MD run. A neutral slab's energy does not depend on
+    it; a net-charged slab's energy does (the neutralising background fills the extended
+    cell), so a change is logged.
+    """
     z = positions.detach()[:, 2]
     thickness = float(z.max() - z.min()) if z.numel() else 0.0
     longest = float(torch.linalg.norm(in_plane.detach(), dim=1).max())
     # residual interaction between replicas decays as exp(-2π gap / L_xy)
     gap = max(2.0 * thickness, longest * (math.log(1.0 / accuracy) + 2.0) / (2.0 * math.pi), 10.0)
-    return 5.0 * math.ceil((thickness + gap) / 5.0)  # quantised so parameters stay cached
+    needed = 5.0 * math.ceil((thickness + gap) / 5.0)  # quantised so parameters stay cached
+    key = (positions.shape[0], tuple(np.round(in_plane.detach().cpu().double().numpy().reshape(-1), 1)), accuracy)
+    known = _SLAB_HEIGHTS.get(key)
+    if known is not None and known >= needed:
+        return known
+    if known is not None:
+        logger.info("slab vacuum height raised from %.0f to %.0f Å (the slab grew)", known, needed)
+    _SLAB_HEIGHTS[key] = needed
+    if len(_SLAB_HEIGHTS) > _CACHE_SIZE:
+        _SLAB_HEIGHTS.popitem(last=False)
+    return needed
 
 
 def _slab_potential(positions, charges, cell, smearing, accuracy, method):
