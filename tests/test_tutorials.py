@@ -38,3 +38,27 @@ def test_quickstart_fast(tmp_path):
     assert (out_dir / "nacl_les.model").is_file()
     assert (out_dir / "nve.csv").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["quickstart"], "files written outside --out"
+
+
+def test_main_job_fast(tmp_path):
+    """The README's main job: two CLI fine-tunes, ASE evaluation, table and plot."""
+    out_dir = tmp_path / "main_job"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, str(TUTORIALS / "02_main_job.py"), "--fast", "--out", str(out_dir)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode == 0, f"main job failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    table = proc.stdout
+    for row in ("base (no fine-tuning)", "short-range fine-tuned", "LES fine-tuned", "ratio short-range / LES"):
+        assert row in table
+    assert (out_dir / "binding_curves.png").stat().st_size > 10_000
+    assert (out_dir / "dimers_les.model").is_file() and (out_dir / "summary.txt").is_file()
+    import mace_lr
+
+    model = mace_lr.load(out_dir / "dimers_les.model")  # safe format, readable without pickle
+    assert float(model.blocks["les"].coupling.detach()) != 0.0

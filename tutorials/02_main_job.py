@@ -36,10 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
 
 
-def train(name: str, out: Path, epochs: int, les: bool, args) -> Path:
-    """Run mace_lr_run_train in a subprocess, with a progress bar over epochs."""
-    from tqdm import tqdm
-
+def _command(name: str, out: Path, epochs: int, les: bool, args) -> list:
     cmd = [
         sys.executable, "-m", "mace_lr.cli.run_train",
         "--name", name,
@@ -48,41 +45,47 @@ def train(name: str, out: Path, epochs: int, les: bool, args) -> Path:
         "--energy_key", "REF_energy", "--forces_key", "REF_forces",
         "--total_charge_key", "charge",
         "--E0s", "foundation",
-        "--energy_weight", "1.0", "--forces_weight", "10.0",
-        "--max_num_epochs", str(epochs), "--batch_size", "8", "--valid_batch_size", "20",
+        "--energy_weight", "100.0", "--forces_weight", "10.0",
+        "--max_num_epochs", str(epochs), "--batch_size", "4", "--valid_batch_size", "20",
         "--lr", str(args.lr), "--scheduler_patience", "5",
         "--device", "cpu", "--default_dtype", "float64", "--seed", str(args.seed), "--pin_memory", "False",
         "--model_dir", str(out), "--checkpoints_dir", str(out / "checkpoints"),
         "--log_dir", str(out / "logs"), "--results_dir", str(out / "results"), "--work_dir", str(out),
     ]  # fmt: skip
     if les:
-        cmd += [
-            "--lr_blocks",
-            "les",
-            "--lr_config",
-            '{"smearing": 1.0}',
-            "--dipole_key",
-            "REF_dipole",
-            "--dipole_weight",
-            "0.5",
-        ]
-    log_path = out / f"{name}.stdout"
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    label = "LES fine-tune" if les else "short-range fine-tune"
-    with open(log_path, "w") as log, tqdm(total=epochs, desc=label, unit="epoch") as bar:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=out)
-        done = 0
-        while proc.poll() is None:
-            time.sleep(1.0)
-            text = log_path.read_text(errors="replace")
-            epochs_seen = set(re.findall(r"INFO: Epoch (\d+):", text))
-            if len(epochs_seen) > done:
-                bar.update(len(epochs_seen) - done)
-                done = len(epochs_seen)
+        cmd += ["--lr_blocks", "les", "--lr_config", '{"smearing": 1.0}',
+                "--dipole_key", "REF_dipole", "--dipole_weight", "0.5"]  # fmt: skip
+    return cmd
+
+
+def train_both(out: Path, epochs: int, args) -> tuple:
+    """Run both fine-tunes (mace_lr_run_train) side by side, one core each, with progress bars."""
+    from tqdm import tqdm
+
+    runs = {"dimers_les": True, "dimers_sr": False}
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs, bars, logs, done = {}, {}, {}, {}
+    for position, (name, les) in enumerate(runs.items()):
+        logs[name] = out / f"{name}.stdout"
+        label = "LES fine-tune        " if les else "short-range fine-tune"
+        bars[name] = tqdm(total=epochs, desc=label, unit="epoch", position=position)
+        with open(logs[name], "w") as fh:
+            procs[name] = subprocess.Popen(_command(name, out, epochs, les, args), stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=out)
+        done[name] = 0
+    while any(p.poll() is None for p in procs.values()):
+        time.sleep(1.0)
+        for name in runs:
+            seen = len(set(re.findall(r"INFO: Epoch (\d+):", logs[name].read_text(errors="replace"))))
+            if seen > done[name]:
+                bars[name].update(seen - done[name])
+                done[name] = seen
+    for bar in bars.values():
+        bar.close()
+    for name, proc in procs.items():
         if proc.returncode != 0:
-            tail = log_path.read_text(errors="replace")[-3000:]
-            raise SystemExit(f"{label} failed (exit {proc.returncode}); end of {log_path}:\n{tail}")
-    return out / f"{name}.model"
+            tail = logs[name].read_text(errors="replace")[-3000:]
+            raise SystemExit(f"{name} failed (exit {proc.returncode}); end of {logs[name]}:\n{tail}")
+    return out / "dimers_les.model", out / "dimers_sr.model"
 
 
 def predict(calc, frames):
@@ -136,7 +139,7 @@ def main() -> None:
     parser.add_argument("--test", type=Path, default=DATA / "dimers_test.xyz")
     parser.add_argument("--lr", type=float, default=0.005)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="threads for the evaluation")
     args = parser.parse_args()
     epochs = args.epochs or (2 if args.fast else 25)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -149,8 +152,9 @@ def main() -> None:
 
     import mace_lr
 
-    les_model = train("dimers_les", args.out, epochs, True, args)
-    sr_model = train("dimers_sr", args.out, epochs, False, args)
+    t0 = time.perf_counter()
+    les_model, sr_model = train_both(args.out, epochs, args)
+    print(f"fine-tuning took {time.perf_counter() - t0:.0f} s")
 
     test = ase.io.read(args.test, index=":")
     if args.fast:
