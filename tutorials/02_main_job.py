@@ -54,7 +54,7 @@ def _command(name: str, out: Path, epochs: int, les: bool, args) -> list:
     ]  # fmt: skip
     if les:
         cmd += ["--lr_blocks", "les", "--lr_config", '{"smearing": 1.0}',
-                "--dipole_key", "REF_dipole", "--dipole_weight", "0.5"]  # fmt: skip
+                "--dipole_key", "REF_dipole", "--dipole_weight", "5.0"]  # fmt: skip
     return cmd
 
 
