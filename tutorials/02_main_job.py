@@ -137,11 +137,11 @@ def main() -> None:
     parser.add_argument("--train", type=Path, default=DATA / "dimers_train.xyz")
     parser.add_argument("--valid", type=Path, default=DATA / "dimers_valid.xyz")
     parser.add_argument("--test", type=Path, default=DATA / "dimers_test.xyz")
-    parser.add_argument("--lr", type=float, default=0.005)
+    parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2, help="threads for the evaluation")
     args = parser.parse_args()
-    epochs = args.epochs or (2 if args.fast else 25)
+    epochs = args.epochs or (2 if args.fast else 30)
     args.out.mkdir(parents=True, exist_ok=True)
 
     import ase.io
