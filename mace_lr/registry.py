@@ -218,6 +218,19 @@ def available_blocks() -> List[str]:
     return sorted(set(discovered) | runtime)
 
 
+def _single_candidate(name: str):
+    """The one entry point registered under ``name`` (errors for unknown names and clashes)."""
+    discovered = _discover()
+    cands = discovered.get(name)
+    if not cands:
+        with _LOCK:
+            known = sorted(set(discovered) | set(_RUNTIME))
+        raise UnknownBlockError(_unknown_message(name, known))
+    if len(cands) > 1:
+        raise BlockNameClashError(_clash_message(name, cands))
+    return cands[0]
+
+
 def get_block(name: str) -> Type[LongRangeBlock]:
     """Return the block class registered under ``name``.
 
@@ -241,15 +254,7 @@ def get_block(name: str) -> Type[LongRangeBlock]:
     with _LOCK:
         if name in _RUNTIME:
             return _RUNTIME[name]
-    discovered = _discover()
-    cands = discovered.get(name)
-    if not cands:
-        with _LOCK:
-            known = sorted(set(discovered) | set(_RUNTIME))
-        raise UnknownBlockError(_unknown_message(name, known))
-    if len(cands) > 1:
-        raise BlockNameClashError(_clash_message(name, cands))
-    cand = cands[0]
+    cand = _single_candidate(name)
     key = (cand.name, cand.target)
     with _LOCK:
         if key in _LOADED:
@@ -372,15 +377,7 @@ def block_origin(name: str) -> Dict[str, Optional[str]]:
             "version": None,
             "target": f"{runtime.__module__}:{runtime.__qualname__}",
         }
-    discovered = _discover()
-    cands = discovered.get(name)
-    if not cands:
-        with _LOCK:
-            known = sorted(set(discovered) | set(_RUNTIME))
-        raise UnknownBlockError(_unknown_message(name, known))
-    if len(cands) > 1:
-        raise BlockNameClashError(_clash_message(name, cands))
-    cand = cands[0]
+    cand = _single_candidate(name)
     return {
         "name": name,
         "distribution": cand.distribution,
