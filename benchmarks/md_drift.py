@@ -66,9 +66,13 @@ def main() -> None:
     args = parser.parse_args()
     rows = [run(kind, args.steps, args.dt, args.seed) for kind in ("periodic", "open", "slab")]
     print(f"NVE, {args.dt} fs, 600 K, MACE + LES (charges on), float64")
-    print(f"{'cell':<9} {'N':>4} {'steps':>6} {'drift eV/atom/ps':>17} {'max |ΔE| eV/atom':>17} {'E_LR eV/atom':>13} {'wall s':>7}")
+    print(
+        f"{'cell':<9} {'N':>4} {'steps':>6} {'drift eV/atom/ps':>17} {'max |ΔE| eV/atom':>17} {'E_LR eV/atom':>13} {'wall s':>7}"
+    )
     for r in rows:
-        print(f"{r['kind']:<9} {r['atoms']:>4} {r['steps']:>6} {r['drift']:17.2e} {r['excursion']:17.2e} {r['lr_share']:13.4f} {r['wall']:7.1f}")
+        print(
+            f"{r['kind']:<9} {r['atoms']:>4} {r['steps']:>6} {r['drift']:17.2e} {r['excursion']:17.2e} {r['lr_share']:13.4f} {r['wall']:7.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,21 @@ from mace_lr import testing as T
 from mace_lr.cli import run_train as cli
 
 
+@pytest.fixture(autouse=True)
+def _restore_root_logger():
+    """mace's run_train configures the root logger (level, file handlers); undo it."""
+    import logging
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
+
+
 def _frames(teacher, n=12, seed=0, numbers=(11, 17, 11, 17)):
     rng = np.random.default_rng(seed)
     frames = []

@@ -54,7 +54,12 @@ def test_main_job_fast(tmp_path):
     )
     assert proc.returncode == 0, f"main job failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     table = proc.stdout
-    for row in ("base (no fine-tuning)", "short-range fine-tuned", "LES fine-tuned", "ratio short-range / LES"):
+    for row in (
+        "base (no fine-tuning)",
+        "short-range fine-tuned",
+        "LES fine-tuned",
+        "ratio short-range / LES",
+    ):
         assert row in table
     assert (out_dir / "binding_curves.png").stat().st_size > 10_000
     assert (out_dir / "dimers_les.model").is_file() and (out_dir / "summary.txt").is_file()

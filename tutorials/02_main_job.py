@@ -70,7 +70,9 @@ def train_both(out: Path, epochs: int, args) -> tuple:
         label = "LES fine-tune        " if les else "short-range fine-tune"
         bars[name] = tqdm(total=epochs, desc=label, unit="epoch", position=position)
         with open(logs[name], "w") as fh:
-            procs[name] = subprocess.Popen(_command(name, out, epochs, les, args), stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=out)
+            procs[name] = subprocess.Popen(
+                _command(name, out, epochs, les, args), stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=out
+            )
         done[name] = 0
     while any(p.poll() is None for p in procs.values()):
         time.sleep(1.0)

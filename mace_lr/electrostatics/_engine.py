@@ -255,7 +255,11 @@ def _slab_height(positions: torch.Tensor, in_plane: torch.Tensor, accuracy: floa
     # residual interaction between replicas decays as exp(-2π gap / L_xy)
     gap = max(2.0 * thickness, longest * (math.log(1.0 / accuracy) + 2.0) / (2.0 * math.pi), 10.0)
     needed = 5.0 * math.ceil((thickness + gap) / 5.0)  # quantised so parameters stay cached
-    key = (positions.shape[0], tuple(np.round(in_plane.detach().cpu().double().numpy().reshape(-1), 1)), accuracy)
+    key = (
+        positions.shape[0],
+        tuple(np.round(in_plane.detach().cpu().double().numpy().reshape(-1), 1)),
+        accuracy,
+    )
     known = _SLAB_HEIGHTS.get(key)
     if known is not None and known >= needed:
         return known
