@@ -16,7 +16,7 @@ What it does (all on the data shipped in ``data/``, see ``data/README.md``):
 3. prints a before/after table (total-energy, binding-energy and force errors) and
    writes a binding-curve plot (``binding_curves.png``) and the table (``summary.txt``).
 
-    python tutorials/02_main_job.py            # a few minutes on 2 CPU cores
+    python tutorials/02_main_job.py            # about 8 minutes on 2 CPU cores
     python tutorials/02_main_job.py --fast     # about a minute (used by the tests)
 """
 
@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2, help="threads for the evaluation")
     args = parser.parse_args()
-    epochs = args.epochs or (2 if args.fast else 30)
+    epochs = args.epochs or (2 if args.fast else 50)
     args.out.mkdir(parents=True, exist_ok=True)
 
     import ase.io
