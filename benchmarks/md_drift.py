@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 
-def run(kind: str, steps: int, dt_fs: float, seed: int) -> dict:
+def run(kind: str, steps: int, dt_fs: float, seed: int, scale: float) -> dict:
     import torch
     from ase import units
     from ase.build import bulk
@@ -26,7 +26,7 @@ def run(kind: str, steps: int, dt_fs: float, seed: int) -> dict:
     from mace_lr import testing as T
 
     torch.manual_seed(seed)
-    model = T.perturb_blocks(mace_lr.augment(T.make_test_model(), "les", accuracy=1e-5), scale=0.3)
+    model = T.perturb_blocks(mace_lr.augment(T.make_test_model(), "les", accuracy=1e-5), scale=scale)
     atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True) * (2, 2, 2)
     if kind == "open":
         atoms.pbc = False
@@ -63,10 +63,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--dt", type=float, default=1.0, help="time step, fs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--perturbation", type=float, default=0.1, help="size of the random block weights")
     parser.add_argument("--cells", nargs="+", default=["periodic", "open", "slab"], choices=["periodic", "open", "slab"])
     args = parser.parse_args()
-    rows = [run(kind, args.steps, args.dt, args.seed) for kind in args.cells]
-    print(f"NVE, {args.dt} fs, 600 K, MACE + LES (charges on), float64")
+    rows = [run(kind, args.steps, args.dt, args.seed, args.perturbation) for kind in args.cells]
+    print(f"NVE, {args.dt} fs, 600 K, MACE + LES (charges on, perturbation {args.perturbation}), float64")
     print(
         f"{'cell':<9} {'N':>4} {'steps':>6} {'drift eV/atom/ps':>17} {'max |ΔE| eV/atom':>17} {'E_LR eV/atom':>13} {'wall s':>7}"
     )

@@ -238,42 +238,31 @@ def _slab_frame(positions: torch.Tensor, cell: torch.Tensor) -> Tuple[torch.Tens
     return positions @ rot.T, cell[:2] @ rot.T
 
 
-_SLAB_HEIGHTS: "OrderedDict[tuple, float]" = OrderedDict()
+def _slab_height(
+    positions: torch.Tensor, in_plane: torch.Tensor, accuracy: float, cell_height: float = 0.0
+) -> float:
+    """Height of the extended cell: the slab region plus a vacuum set by the accuracy.
 
-
-def _slab_height(positions: torch.Tensor, in_plane: torch.Tensor, accuracy: float) -> float:
-    """Height of the extended cell: slab thickness plus a vacuum set by the accuracy.
-
-    Remembered per system (atom count, in-plane cell, accuracy) and only ever increased,
-    so the height stays fixed along an MD run. A neutral slab's energy does not depend on
-    it; a net-charged slab's energy does (the neutralising background fills the extended
-    cell), so a change is logged.
+    The slab region is the user's cell height along the normal (or the atoms' extent if
+    larger), so the height does not follow the atoms along an MD run: a neutral slab's
+    energy does not depend on it, but a net-charged slab's energy does (its neutralising
+    background fills the extended cell), and a height that followed the atoms would make
+    the energy jump.
     """
     z = positions.detach()[:, 2]
     thickness = float(z.max() - z.min()) if z.numel() else 0.0
+    region = max(float(cell_height), thickness)
     longest = float(torch.linalg.norm(in_plane.detach(), dim=1).max())
     # residual interaction between replicas decays as exp(-2π gap / L_xy)
-    gap = max(2.0 * thickness, longest * (math.log(1.0 / accuracy) + 2.0) / (2.0 * math.pi), 10.0)
-    needed = 5.0 * math.ceil((thickness + gap) / 5.0)  # quantised so parameters stay cached
-    key = (
-        positions.shape[0],
-        tuple(np.round(in_plane.detach().cpu().double().numpy().reshape(-1), 1)),
-        accuracy,
-    )
-    known = _SLAB_HEIGHTS.get(key)
-    if known is not None and known >= needed:
-        return known
-    if known is not None:
-        logger.info("slab vacuum height raised from %.0f to %.0f Å (the slab grew)", known, needed)
-    _SLAB_HEIGHTS[key] = needed
-    if len(_SLAB_HEIGHTS) > _CACHE_SIZE:
-        _SLAB_HEIGHTS.popitem(last=False)
-    return needed
+    gap = max(2.0 * region, longest * (math.log(1.0 / accuracy) + 2.0) / (2.0 * math.pi), 10.0)
+    return 5.0 * math.ceil((region + gap) / 5.0)  # quantised so parameters stay cached
 
 
 def _slab_potential(positions, charges, cell, smearing, accuracy, method):
     positions, in_plane = _slab_frame(positions, cell)
-    lz = _slab_height(positions, in_plane, accuracy)
+    normal = torch.linalg.cross(cell[0], cell[1]).detach()
+    cell_height = float(torch.abs(cell[2].detach() @ normal) / torch.linalg.norm(normal))
+    lz = _slab_height(positions, in_plane, accuracy, cell_height)
     # centre the slab in the extended cell with a smooth, differentiable shift so the
     # energy depends on relative heights only (exact translation invariance along z)
     z_shift = positions[:, 2].mean() - 0.5 * lz
