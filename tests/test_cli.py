@@ -179,10 +179,9 @@ def test_finetune_restart_and_reload(workdir):
     assert "resuming after the completed epoch 1 of the checkpoint" in restart_log
     assert "Epoch 2:" in restart_log and "Epoch 1:" not in restart_log
     # ... with the same batches, so it ends where the uninterrupted run ends. Not bit for
-    # bit: the restarted epoch differs from the uninterrupted one by ~0.2 % of what the
-    # epoch changes (measured; cause not yet found — model, optimiser and scheduler
-    # state and batch order were checked identical at the restart point). Upstream's
-    # behaviour (re-training the checkpoint's epoch) differs by tens of per cent.
+    # bit: predictions differ by ~3e-4 of what training changed (measured; model,
+    # optimiser, scheduler state and batch order are identical at the restart point;
+    # the cause is not found yet). Before the epoch/shuffle fixes the gap was ~0.2.
     frames = ase.io.read(workdir / "train.xyz", index=":")
     m_straight = mace_lr.load(workdir / "straight.model")
     m_straight.load_state_dict(straight)
@@ -191,9 +190,15 @@ def test_finetune_restart_and_reload(workdir):
     e_s = T.evaluate(m_straight.eval(), frames)["energy"]
     e_r = T.evaluate(m_resumed.eval(), frames)["energy"]
     e_0 = T.evaluate(mace_lr.augment(T.make_test_model(seed=0), "les"), frames)["energy"]
-    assert float((e_s - e_r).abs().max()) < 1e-2 * float((e_s - e_0).abs().max())
+    assert float((e_s - e_r).abs().max()) < 1e-3 * float((e_s - e_0).abs().max())
 
     model = mace_lr.load(workdir / "straight.model")
+    # every parameter of the base trained too (mace's generator-valued groups are kept)
+    found = torch.load(workdir / "found.model", weights_only=False)
+    for name in ("node_embedding.linear.weight", "readouts.0.linear.weight", "products.0.linear.weight"):
+        before = dict(found.named_parameters())[name]
+        after = dict(model.base.named_parameters())[name]
+        assert not torch.allclose(before.reshape(-1), after.reshape(-1)), name
     # the block trained: its coupling left zero and the readout moved
     assert abs(float(model.blocks["les"].coupling.detach())) > 1e-4
     assert model.blocks["les"].smearing == 1.1

@@ -290,10 +290,11 @@ def _hooks(
         if not isinstance(model, LongRangeMACE):
             return orig_params(args, model)
         options = orig_params(args, model.base)
-        seen = {id(p) for group in options["params"] for p in list(group["params"])}
-        # materialise generators so the ids above do not consume them
+        # mace passes some groups as generators (module.parameters()): materialise them
+        # first, or collecting the ids below would exhaust them and leave those groups empty
         for group in options["params"]:
             group["params"] = list(group["params"])
+        seen = {id(p) for group in options["params"] for p in group["params"]}
         for name, block in model.blocks.items():
             params = [p for p in block.parameters() if id(p) not in seen]
             options["params"].append(
