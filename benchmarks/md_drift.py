@@ -64,7 +64,9 @@ def main() -> None:
     parser.add_argument("--dt", type=float, default=1.0, help="time step, fs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--perturbation", type=float, default=0.1, help="size of the random block weights")
-    parser.add_argument("--cells", nargs="+", default=["periodic", "open", "slab"], choices=["periodic", "open", "slab"])
+    parser.add_argument(
+        "--cells", nargs="+", default=["periodic", "open", "slab"], choices=["periodic", "open", "slab"]
+    )
     args = parser.parse_args()
     rows = [run(kind, args.steps, args.dt, args.seed, args.perturbation) for kind in args.cells]
     print(f"NVE, {args.dt} fs, 600 K, MACE + LES (charges on, perturbation {args.perturbation}), float64")

@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 #: atoms.info key → mace data key
 INFO_KEYS = {"charge": "total_charge", "spin": "total_spin", "external_field": "external_field"}
+#: mace data key → atoms.info key
+_DATA_TO_INFO = {data_key: info_key for info_key, data_key in INFO_KEYS.items()}
 
 
 def _check_atoms(atoms, z_table: Sequence[int], index: int) -> None:
@@ -79,7 +81,8 @@ def atoms_to_batch(
     heads = list(heads) if heads else ["Default"]
     z_table = [int(z) for z in z_table]
     r_max = float(r_max)
-    keyspec = mace_data.KeySpecification(info_keys={v: k for k, v in INFO_KEYS.items()}, arrays_keys={})
+    keyspec = mace_data.KeySpecification(info_keys=dict(_DATA_TO_INFO), arrays_keys={})
+    table = AtomicNumberTable(z_table)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -87,24 +90,20 @@ def atoms_to_batch(
         for index, atoms in enumerate(atoms_list):
             _check_atoms(atoms, z_table, index)
             for key in required:
-                info_key = {v: k for k, v in INFO_KEYS.items()}.get(key, key)
+                info_key = _DATA_TO_INFO.get(key, key)
                 if info_key not in atoms.info:
                     raise KeyError(
                         f"structure {index} has no atoms.info[{info_key!r}] ({key}), which a block "
                         "of this model requires; set it explicitly (e.g. 0 for a neutral system)"
                     )
-            atoms = (
-                atoms.copy() if external_field is not None and "external_field" not in atoms.info else atoms
-            )
             if external_field is not None and "external_field" not in atoms.info:
+                atoms = atoms.copy()  # never write into the caller's Atoms
                 atoms.info["external_field"] = np.asarray(external_field, dtype=float)
             config = mace_data.config_from_atoms(
                 atoms, key_specification=keyspec, head_name=atoms.info.get("head", heads[0])
             )
             data_list.append(
-                mace_data.AtomicData.from_config(
-                    config, z_table=AtomicNumberTable([int(z) for z in z_table]), cutoff=r_max, heads=heads
-                )
+                mace_data.AtomicData.from_config(config, z_table=table, cutoff=r_max, heads=heads)
             )
         batch = torch_geometric.batch.Batch.from_data_list(data_list)
     finally:

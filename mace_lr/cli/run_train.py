@@ -26,6 +26,7 @@ import os
 import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence
+from unittest import mock
 
 import mace  # noqa: F401  (before e3nn)
 import torch
@@ -99,15 +100,12 @@ def _read_foundation(path: str):
     """Return a mace-lr model if ``path`` is a mace-lr model file, else None."""
     if not path or not os.path.isfile(path):
         return None
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        return None
-    if isinstance(payload, dict) and str(payload.get("format", "")).startswith("mace-lr/"):
-        from mace_lr import load
+    from mace_lr import load
 
-        return load(path)
-    return None
+    try:
+        return load(path)  # refuses (ValueError) pickled MACE files and foreign formats
+    except ValueError:
+        return None
 
 
 def _data_keys_and_elements(path: str, info_keys: Sequence[str]) -> Dict[str, Any]:
@@ -130,6 +128,7 @@ def preflight(
 
     from mace_lr.registry import get_block
 
+    required: List[str] = []
     for name, options in specs.items():
         cls = get_block(name)  # unknown names raise with suggestions
         if args.lr_charges_weight > 0 and not getattr(cls, "accepts_charge_targets", False):
@@ -139,9 +138,7 @@ def preflight(
             )
         if not isinstance(options, dict):
             raise ValueError(f"options of block {name!r} must be a mapping, got {options!r}")
-    required: List[str] = []
-    for name in specs:
-        for key in getattr(get_block(name), "required_inputs", ()):
+        for key in getattr(cls, "required_inputs", ()):
             if key == "total_charge":
                 required.append(args.total_charge_key)
             elif key == "total_spin":
@@ -275,11 +272,7 @@ def _hooks(
             return model, output_args
         if carried:
             dtype = next(model.parameters()).dtype
-            blocks = {}
-            for name, block in carried.items():
-                block = block.to(dtype)
-                blocks[name] = block
-            model = LongRangeMACE(model, blocks)
+            model = LongRangeMACE(model, {name: block.to(dtype) for name, block in carried.items()})
             logger.info("carried block(s) %s with their weights from the foundation model", list(carried))
         new = {n: c for n, c in specs.items() if not (carried and n in carried)}
         if new:
@@ -331,23 +324,17 @@ def _hooks(
             k["train_loader"] = _EpochSeededLoader(loader, seed, k.get("start_epoch", 0))
         return orig_train(*a, **k)
 
-    rt.configure_model, rt.get_params_options, rt.get_loss_fn = (
-        configure_model,
-        get_params_options,
-        get_loss_fn,
-    )
-    rt.tools.train = train
-    handler_cls.load_latest = load_latest
-    try:
+    patches = [
+        (rt, "configure_model", configure_model),
+        (rt, "get_params_options", get_params_options),
+        (rt, "get_loss_fn", get_loss_fn),
+        (rt.tools, "train", train),
+        (handler_cls, "load_latest", load_latest),
+    ]
+    with contextlib.ExitStack() as stack:
+        for owner, attr, replacement in patches:
+            stack.enter_context(mock.patch.object(owner, attr, replacement))
         yield
-    finally:
-        rt.configure_model, rt.get_params_options, rt.get_loss_fn = (
-            orig_configure,
-            orig_params,
-            orig_loss,
-        )
-        rt.tools.train = orig_train
-        handler_cls.load_latest = orig_load_latest
 
 
 def _convert_outputs(args: argparse.Namespace) -> List[str]:
