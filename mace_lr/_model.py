@@ -9,6 +9,7 @@ import torch
 
 from . import _mace_adapter as adapter
 from ._block import LongRangeBlock
+from .electrostatics._kernels import cell_volume
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ class LongRangeMACE(torch.nn.Module):
                 g_disp = grads[k] if grads[k] is not None else torch.zeros_like(displacement)
                 k += 1
                 virials = -g_disp
-                volume = torch.linalg.det(cell).abs().view(-1, 1, 1)
+                volume = cell_volume(cell).view(-1, 1, 1)
                 stress = torch.where(volume > 0, g_disp / volume.clamp(min=1e-12), torch.zeros_like(g_disp))
             if want_field:
                 g_field = grads[k] if grads[k] is not None else torch.zeros_like(field)

@@ -221,3 +221,19 @@ def test_slab_height_does_not_follow_the_atoms():
         for t in (0.0, 0.5, 1.0)
     ]
     assert abs(e[1] - 0.5 * (e[0] + e[2])) < 0.05 * abs(e[2] - e[0]) + 1e-6
+
+
+@pytest.mark.parametrize("method", ["ewald", "p3m"])
+def test_float32_cell_gradients_under_float64_default(method):
+    # mace sets the default dtype to float64; float32 models must still get stress
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        atoms, q, _, _ = madelung_system("NaCl")
+        pos = torch.tensor(atoms.positions, dtype=torch.float32, requires_grad=True)
+        cell = torch.tensor(atoms.cell[:], dtype=torch.float32, requires_grad=True)
+        energy = coulomb_energy(pos, q.float(), cell, True, method=method, accuracy=1e-4)
+        g_pos, g_cell = torch.autograd.grad(energy, [pos, cell])
+        assert g_pos.dtype == torch.float32 and bool(torch.isfinite(g_cell).all())
+    finally:
+        torch.set_default_dtype(previous)

@@ -23,6 +23,7 @@ import torch
 from ._kernels import (
     COULOMB_CONSTANT,
     EwaldParameters,
+    cell_volume,
     choose_parameters,
     ewald_reciprocal_potential,
     pair_kernel,
@@ -167,7 +168,7 @@ def _reciprocal_space(
     smearing: float,
 ) -> torch.Tensor:
     """k-space potential with self term and neutralising background removed."""
-    volume = torch.abs(torch.linalg.det(cell))
+    volume = cell_volume(cell)
     q_tot = charges.sum(0, keepdim=True)
     if params.method == "ewald":
         phi = ewald_reciprocal_potential(positions, charges, cell, params.split, params.kcut)
@@ -271,7 +272,7 @@ def _slab_potential(positions, charges, cell, smearing, accuracy, method):
     phi = _periodic_potential(pos, charges, ext, smearing, accuracy, method)
     # Yeh–Berkowitz correction with Ballenegger–Arnold–Cerdà net-charge terms:
     # E_c = 2π/V [M_z² - Q Σ q z² - Q² L_z²/12]
-    volume = torch.abs(torch.linalg.det(ext))
+    volume = cell_volume(ext)
     z = pos[:, 2:3]
     q_tot = charges.sum(0, keepdim=True)
     m_z = (charges * z).sum(0, keepdim=True)

@@ -27,6 +27,16 @@ COULOMB_CONSTANT = 14.399645
 _SQRT2 = math.sqrt(2.0)
 
 
+def cell_volume(cell: torch.Tensor) -> torch.Tensor:
+    """|a · (b × c)| of cells [..., 3, 3] (rows are lattice vectors), Å³.
+
+    Written as a triple product rather than ``torch.linalg.det``: on torch 2.13 the
+    backward of ``det`` fails for float32 cells when the default dtype is float64 (as mace
+    sets it), and stress and strain derivatives need this gradient.
+    """
+    return torch.abs((cell[..., 0, :] * torch.linalg.cross(cell[..., 1, :], cell[..., 2, :])).sum(-1))
+
+
 def pair_kernel(r: torch.Tensor, smearing: float) -> torch.Tensor:
     """Full pair kernel ``v(r)`` in 1/Å for point (``smearing=0``) or Gaussian charges."""
     if smearing > 0.0:
@@ -176,7 +186,7 @@ def ewald_reciprocal_potential(
         [n_atoms, n_channels], the full potential (self term not removed), e/Å.
     """
     kvec = ewald_kvectors(cell, kcut)
-    volume = torch.abs(torch.linalg.det(cell))
+    volume = cell_volume(cell)
     out = torch.zeros_like(charges)
     if kvec.shape[0] == 0:
         return out

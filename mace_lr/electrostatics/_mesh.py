@@ -14,6 +14,8 @@ from typing import Optional, Tuple
 import torch
 import torchpme
 
+from ._kernels import cell_volume
+
 
 def fft_friendly(n: int) -> int:
     """Smallest integer ≥ n whose prime factors are 2, 3 and 5."""
@@ -63,7 +65,7 @@ class MeshKSpace(torchpme.P3MCalculator):
         self.mesh_interpolator.compute_weights(positions)
         rho_mesh = self.mesh_interpolator.points_to_mesh(particle_weights=charges)
         potential_mesh = self.kspace_filter.forward(rho_mesh)
-        ivolume = torch.abs(cell.det()).pow(-1)
+        ivolume = cell_volume(cell).pow(-1)
         potential = self.mesh_interpolator.mesh_to_points(potential_mesh) * ivolume
         potential = potential - charges * self.potential.self_contribution()
         charge_tot = torch.sum(charges, dim=0)
