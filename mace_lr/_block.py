@@ -26,6 +26,8 @@ CONTEXT_KEYS: Dict[str, str] = {
     "external_field": "[n_graphs, 3] V/Å (zeros when no field is applied)",
     "edge_index": "[2, n_edges] int64, the base model's graph",
     "shifts": "[n_edges, 3] Å, periodic image shifts of the edges (strained)",
+    "electrode": "[n_atoms] int64, 0 for ordinary atoms, 1 or 2 for the atoms of two electrodes",
+    "electrode_potential": "[n_graphs] V, potential of electrode 1 minus electrode 2",
 }
 
 

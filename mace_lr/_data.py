@@ -1,7 +1,9 @@
 """From ``ase.Atoms`` to a mace batch with the long-range inputs (private module).
 
 Inputs read from ``atoms.info``: ``charge`` (total charge, e), ``spin`` (multiplicity) and
-``external_field`` (3-vector, V/Å). A key some block requires but the structure lacks is
+``external_field`` (3-vector, V/Å), ``electrode_potential`` (V, electrode 1 minus
+electrode 2); from ``atoms.arrays``: ``electrode`` (0 for ordinary atoms, 1 or 2 for
+electrode atoms). A key some block requires but the structure lacks is
 an error naming the key, never a silent neutral default.
 """
 
@@ -123,4 +125,22 @@ def atoms_to_batch(
         result["pbc"] = result["pbc"].view(num_graphs, 3)
     if "external_field" in result:
         result["external_field"] = result["external_field"].view(num_graphs, 3)
+    if any("electrode" in atoms.arrays for atoms in atoms_list):
+        tags = []
+        for index, atoms in enumerate(atoms_list):
+            tag = np.asarray(atoms.arrays.get("electrode", np.zeros(len(atoms))), dtype=np.int64)
+            if not set(np.unique(tag).tolist()) <= {0, 1, 2}:
+                raise ValueError(
+                    f"structure {index}: atoms.arrays['electrode'] must hold 0 (not an electrode), "
+                    f"1 or 2 (the two electrodes), got {sorted(set(tag.tolist()))}"
+                )
+            if "electrode_potential" not in atoms.info and (tag > 0).any():
+                raise KeyError(
+                    f"structure {index} has electrode atoms but no atoms.info['electrode_potential'] "
+                    "(V, electrode 1 minus electrode 2); set it explicitly (0 for shorted electrodes)"
+                )
+            tags.append(tag)
+        result["electrode"] = torch.as_tensor(np.concatenate(tags), device=device)
+        potentials = [float(atoms.info.get("electrode_potential", 0.0)) for atoms in atoms_list]
+        result["electrode_potential"] = torch.tensor(potentials, dtype=dtype, device=device)
     return result

@@ -93,7 +93,9 @@ class LongRangeMACE(torch.nn.Module):
         Args:
             data: a mace batch (``positions``, ``cell``, ``edge_index``, ``unit_shifts``,
                 ``batch``, ``ptr``, ``node_attrs``, ...) plus optional ``total_charge``
-                [n_graphs] e and ``external_field`` [n_graphs, 3] V/Å.
+                [n_graphs] e, ``external_field`` [n_graphs, 3] V/Å, and for
+                constant-potential electrodes ``electrode`` [n_atoms] (0, 1, 2) and
+                ``electrode_potential`` [n_graphs] V.
             training: keep the graph so losses on forces can be differentiated.
             compute_force: forces ``-∂E/∂R`` [n_atoms, 3] eV/Å.
             compute_virials: virials ``-∂E/∂ε`` [n_graphs, 3, 3] eV.
@@ -153,6 +155,12 @@ class LongRangeMACE(torch.nn.Module):
         if total_charge is None:
             total_charge = torch.zeros(num_graphs, dtype=dtype, device=device)
         species = torch.argmax(data["node_attrs"], dim=-1)
+        electrode = data.get("electrode")
+        if electrode is None:
+            electrode = torch.zeros(positions.shape[0], dtype=torch.int64, device=device)
+        electrode_potential = data.get("electrode_potential")
+        if electrode_potential is None:
+            electrode_potential = torch.zeros(num_graphs, dtype=dtype, device=device)
         ctx: Dict[str, torch.Tensor] = {
             "positions": strained_positions,
             "cell": cell,
@@ -166,6 +174,8 @@ class LongRangeMACE(torch.nn.Module):
             "external_field": field,
             "edge_index": data["edge_index"],
             "shifts": shifts,
+            "electrode": electrode.view(-1).to(torch.int64),
+            "electrode_potential": electrode_potential.view(num_graphs).to(dtype),
         }
 
         out: Dict[str, Optional[torch.Tensor]] = {}

@@ -13,8 +13,17 @@ import torch
 
 from ._engine import cache_info, coulomb_potential_single
 from ._kernels import COULOMB_CONSTANT
+from ._qeq import ChargeEquilibrationError, GaussianCoulombOperator, solve_qeq
 
-__all__ = ["COULOMB_CONSTANT", "coulomb_energy", "coulomb_potential", "cache_info"]
+__all__ = [
+    "COULOMB_CONSTANT",
+    "ChargeEquilibrationError",
+    "GaussianCoulombOperator",
+    "cache_info",
+    "coulomb_energy",
+    "coulomb_potential",
+    "solve_qeq",
+]
 
 
 def coulomb_potential(

@@ -1,0 +1,461 @@
+r"""Charge equilibration: the Gaussian-charge operator, constrained solvers, implicit derivatives.
+
+Charges minimise the quadratic energy (physics.md, "QEq")
+
+.. math:: E_Q(q) = \sum_i \chi_i q_i + \tfrac12 q^\top A q, \qquad
+          A_{ij} = \delta_{ij}\Big(J_i + \frac{k_e}{\sqrt{\pi}\,\sigma_i}\Big)
+                 + k_e \sum_{\mathbf n}{}' \frac{\operatorname{erf}(r_{ij,\mathbf n}/\sqrt2\gamma_{ij})}
+                   {r_{ij,\mathbf n}},
+          \quad \gamma_{ij} = \sqrt{\sigma_i^2 + \sigma_j^2}
+
+subject to fixed charge sums over groups of atoms (one group per structure, or separate
+groups for an electrolyte and a constant-potential electrode pair). ``σ_i`` is the
+standard deviation of atom i's Gaussian charge density, ``k_e/(√π σ_i)`` its self-energy.
+
+The Coulomb part is the electrostatics engine's potential of Gaussian charges with one
+common width ``s0`` (Ewald/P3M for periodic cells, slab correction, exact open sum), plus
+a short-ranged pair correction ``k_e [erf(r/√2γ_ij) − erf(r/√2 s0)]/r`` on a neighbour list
+(it decays like ``erfc``); the dense solver assembles the same operator column by column,
+so both solvers see the same matrix.
+
+Derivatives. The solve itself runs without autograd. Differentiable charges are then
+built by Newton steps from the converged solution,
+``q ← q − B P (A q + χ)``, where ``B`` is the constrained inverse of the frozen matrix and
+``P`` removes group means. Each step has the value of its input (the residual is zero at
+convergence), but its derivative is the implicit-function derivative: one step gives exact
+first derivatives of ``q*`` (forces, Born charges, parameter gradients), two steps exact
+second derivatives (training on forces when the energy is not stationary in ``q``, as
+with a fourth-generation readout). Applying ``B`` in the backward pass is another
+constrained solve with the same solver, so dense and CG give the same derivatives.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+from ._engine import coulomb_potential_single
+from ._kernels import COULOMB_CONSTANT
+
+logger = logging.getLogger(__name__)
+
+_SQRT2 = math.sqrt(2.0)
+_SQRTPI = math.sqrt(math.pi)
+
+
+class ChargeEquilibrationError(RuntimeError):
+    """A charge solve did not reach its tolerance (the charges would be wrong)."""
+
+
+def _erfcinv(y: float) -> float:
+    from scipy.special import erfcinv
+
+    return float(erfcinv(y))
+
+
+class GaussianCoulombOperator:
+    """The QEq matrix ``A`` of one structure as a matrix-vector product.
+
+    Args:
+        positions: [N, 3] Å (may require grad).
+        cell: [3, 3] Å.
+        pbc: three booleans (bulk, open or ``[T, T, F]`` slab).
+        widths: [N] Gaussian standard deviations σ_i, Å (may require grad).
+        hardness: [N] J_i, eV/e² (may require grad).
+        accuracy: relative accuracy of the periodic sums and of the pair-correction cutoff.
+        method: engine method (``"auto"``, ``"ewald"``, ``"p3m"``).
+        base_smearing: common width ``s0`` of the engine sum, Å (0: point charges).
+    """
+
+    def __init__(
+        self,
+        positions: torch.Tensor,
+        cell: torch.Tensor,
+        pbc: Sequence[bool],
+        widths: torch.Tensor,
+        hardness: torch.Tensor,
+        accuracy: float = 1e-6,
+        method: str = "auto",
+        base_smearing: float = 0.0,
+        _pairs: Optional[torch.Tensor] = None,
+    ) -> None:
+        n = positions.shape[0]
+        if widths.shape != (n,) or hardness.shape != (n,):
+            raise ValueError(
+                f"`widths` and `hardness` must have shape [{n}], got {tuple(widths.shape)} "
+                f"and {tuple(hardness.shape)}"
+            )
+        if bool((widths.detach() <= 0).any()):
+            raise ValueError("Gaussian widths must be > 0 Å")
+        self.positions = positions
+        self.cell = cell
+        self.pbc = tuple(bool(p) for p in pbc)
+        self.widths = widths
+        self.hardness = hardness
+        self.accuracy = float(accuracy)
+        self.method = method
+        self.base_smearing = float(base_smearing)
+        self.diagonal = hardness + COULOMB_CONSTANT / (_SQRTPI * widths)
+        # pair correction erf(r/√2γ) − erf(r/√2 s0), decaying with the widest kernel
+        widest = max(self.base_smearing, _SQRT2 * float(widths.detach().max())) if n else 0.0
+        self.pair_cutoff = _SQRT2 * widest * _erfcinv(self.accuracy)
+        if _pairs is None:
+            _pairs = _pair_list(positions, cell, self.pair_cutoff, self.pbc)
+        self.pairs = _pairs
+        self._correction = self._pair_values()
+
+    def _pair_values(self) -> torch.Tensor:
+        i, j, shifts = self.pairs
+        if i.numel() == 0:
+            return self.positions.new_zeros(0)
+        # distances in torch, so the correction is differentiable in positions and cell
+        vec = self.positions[j] - self.positions[i] + shifts.to(self.positions.dtype) @ self.cell
+        dist = torch.linalg.norm(vec, dim=-1)
+        gamma = torch.sqrt(self.widths[i] ** 2 + self.widths[j] ** 2)
+        values = torch.erf(dist / (_SQRT2 * gamma))
+        if self.base_smearing > 0.0:
+            values = values - torch.erf(dist / (_SQRT2 * self.base_smearing))
+        else:
+            values = values - 1.0
+        return COULOMB_CONSTANT * values / dist
+
+    def matvec(self, q: torch.Tensor) -> torch.Tensor:
+        """``A q`` for charges [N] or [N, C] (differentiable in every input)."""
+        squeeze = q.ndim == 1
+        q2 = q[:, None] if squeeze else q
+        phi = coulomb_potential_single(
+            self.positions,
+            q2,
+            self.cell,
+            self.pbc,
+            self.base_smearing if self.base_smearing > 0.0 else None,
+            self.accuracy,
+            self.method,
+        )
+        i, j, _ = self.pairs
+        if i.numel():
+            v = self._correction[:, None]
+            phi = phi.index_add(0, i, v * q2[j]).index_add(0, j, v * q2[i])
+        phi = phi + self.diagonal[:, None] * q2
+        return phi[:, 0] if squeeze else phi
+
+    def detached(self, dtype: Optional[torch.dtype] = None) -> "GaussianCoulombOperator":
+        """The same operator on detached inputs (for solves without autograd)."""
+        dtype = dtype or self.positions.dtype
+        return GaussianCoulombOperator(
+            self.positions.detach().to(dtype),
+            self.cell.detach().to(dtype),
+            self.pbc,
+            self.widths.detach().to(dtype),
+            self.hardness.detach().to(dtype),
+            self.accuracy,
+            self.method,
+            self.base_smearing,
+            _pairs=self.pairs,
+        )
+
+    def dense(self) -> torch.Tensor:
+        """The full matrix [N, N] (columns are matrix-vector products with unit charges)."""
+        n = self.positions.shape[0]
+        eye = torch.eye(n, dtype=self.positions.dtype, device=self.positions.device)
+        with torch.no_grad():
+            a = self.detached().matvec(eye)
+        return 0.5 * (a + a.T)
+
+
+def _pair_list(
+    positions: torch.Tensor, cell: torch.Tensor, cutoff: float, pbc: Tuple[bool, ...]
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Half neighbour list within ``cutoff``: indices i, j and integer cell shifts [M, 3]."""
+    import numpy as np
+    from vesin import NeighborList
+
+    device = positions.device
+    if positions.shape[0] < 2 and not any(pbc):
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return empty, empty, torch.zeros((0, 3), dtype=torch.int64, device=device)
+    i, j, shifts = NeighborList(cutoff=cutoff, full_list=False).compute(
+        points=positions.detach().cpu().double().numpy(),
+        box=cell.detach().cpu().double().numpy(),
+        periodic=list(pbc),
+        quantities="ijS",
+    )
+    return (
+        torch.as_tensor(i.astype(np.int64), device=device),
+        torch.as_tensor(j.astype(np.int64), device=device),
+        torch.as_tensor(np.asarray(shifts, dtype=np.int64).reshape(-1, 3), device=device),
+    )
+
+
+def _group_sums(x: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
+    out = torch.zeros((n_groups,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    return out.index_add(0, group, x)
+
+
+class ConstrainedSolver:
+    """Minimises ``½ xᵀAx − bᵀx`` subject to fixed sums of ``x`` over groups of atoms.
+
+    Args:
+        operator: a detached :class:`GaussianCoulombOperator` (no autograd inside solves).
+        group: [N] int64 group index of every atom (0..G−1, every group non-empty).
+        method: ``"cg"`` (matrix-free preconditioned conjugate gradient) or ``"dense"``.
+        tol: relative residual ``‖P r‖ / ‖P r₀‖`` at which CG stops.
+        max_iter: CG iteration limit; exceeding it raises :class:`ChargeEquilibrationError`.
+    """
+
+    def __init__(
+        self,
+        operator: GaussianCoulombOperator,
+        group: torch.Tensor,
+        method: str = "cg",
+        tol: float = 1e-6,
+        max_iter: int = 500,
+    ) -> None:
+        if method not in ("cg", "dense"):
+            raise ValueError(f"unknown charge solver {method!r}; use 'cg' or 'dense'")
+        self.operator = operator
+        self.group = group
+        self.n_groups = int(group.max()) + 1 if group.numel() else 0
+        self.method = method
+        self.tol = float(tol)
+        self.max_iter = int(max_iter)
+        self.iterations = 0
+        self.residual = 0.0
+        self._lu: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        if method == "dense":
+            n = group.shape[0]
+            a = operator.dense()
+            c = torch.zeros((n, self.n_groups), dtype=a.dtype, device=a.device)
+            c[torch.arange(n, device=a.device), group] = 1.0
+            kkt = torch.cat(
+                [torch.cat([a, c], 1), torch.cat([c.T, torch.zeros_like(c.T[:, : self.n_groups])], 1)], 0
+            )
+            self._lu = torch.linalg.lu_factor(kkt)
+
+    def solve(
+        self, rhs: torch.Tensor, targets: Optional[torch.Tensor] = None, x0: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Solution [N] or [N, C] for right-hand sides ``rhs`` and group sums ``targets`` [G(, C)]."""
+        squeeze = rhs.ndim == 1
+        b = rhs[:, None] if squeeze else rhs
+        dtype = self.operator.positions.dtype
+        b = b.to(dtype)
+        if targets is None:
+            t = torch.zeros((self.n_groups, b.shape[1]), dtype=dtype, device=b.device)
+        else:
+            t = targets.to(dtype).reshape(self.n_groups, -1).expand(self.n_groups, b.shape[1])
+        with torch.no_grad():
+            if self.method == "dense":
+                assert self._lu is not None
+                sol = torch.linalg.lu_solve(*self._lu, torch.cat([b, t], 0))
+                x = sol[: b.shape[0]]
+                self.iterations, self.residual = 0, 0.0
+            else:
+                x = self._pcg(b, t, None if x0 is None else (x0[:, None] if x0.ndim == 1 else x0).to(dtype))
+        return x[:, 0] if squeeze else x
+
+    def _project(self, r: torch.Tensor) -> torch.Tensor:
+        counts = _group_sums(torch.ones_like(r[:, :1]), self.group, self.n_groups)
+        return r - (_group_sums(r, self.group, self.n_groups) / counts)[self.group]
+
+    def _pcg(self, b: torch.Tensor, t: torch.Tensor, x0: Optional[torch.Tensor]) -> torch.Tensor:
+        op, group, g = self.operator, self.group, self.n_groups
+        m_inv = (1.0 / op.diagonal)[:, None].expand_as(b)
+        w_sum = _group_sums(m_inv, group, g)
+
+        def precondition(r: torch.Tensor) -> torch.Tensor:
+            # M⁻¹ r projected onto zero group sums in the M-metric
+            z = m_inv * r
+            return z - m_inv * (_group_sums(z, group, g) / w_sum)[group]
+
+        # feasible start: targets spread in proportion to 1/A_ii, or the shifted warm start
+        x = m_inv * (t / w_sum)[group]
+        if x0 is not None:
+            x = x + x0 - m_inv * (_group_sums(x0, group, g) / w_sum)[group]
+        # the residual lives in the quotient by group-constant vectors (those shift the
+        # Lagrange multipliers only); keeping it projected stops a large constant part
+        # from swamping the inner products with rounding errors
+        r = self._project(b - op.matvec(x))
+        x_start = m_inv * (t / w_sum)[group]
+        a_start = op.matvec(x_start)
+        norm0 = torch.linalg.norm(self._project(b - a_start), dim=0)
+        # a right-hand side that is constant per group moves no charge: its projected norm
+        # is rounding noise, so residuals are measured against at least 1e-12 of the data
+        floor = 1e-12 * (torch.linalg.norm(b, dim=0) + torch.linalg.norm(a_start, dim=0))
+        scale = torch.maximum(norm0, floor)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        z = precondition(r)
+        p = z.clone()
+        rz = (r * z).sum(0)
+        res = torch.linalg.norm(r, dim=0) / scale
+        res = torch.where(norm0 <= floor, torch.zeros_like(res), res)
+        it = 0
+        best, since_best = float(res.max()), 0
+        while bool((res > self.tol).any()):
+            if it >= self.max_iter or since_best >= 25:
+                stalled = f"(stalled after {it} iterations)"
+                why = f"in {self.max_iter} iterations" if it >= self.max_iter else stalled
+                raise ChargeEquilibrationError(
+                    f"charge equilibration (CG) did not converge {why}: relative residual "
+                    f"{float(res.max()):.3g} > tol {self.tol:g}, best {best:.3g} "
+                    f"(N={b.shape[0]}, pbc={list(op.pbc)}). Increase `max_iter`, or loosen `tol` "
+                    "(the attainable residual is limited by the electrostatics `accuracy`), or "
+                    "check for non-physical hardness/widths"
+                )
+            ap = op.matvec(p)
+            pap = (p * ap).sum(0)
+            active = res > self.tol
+            alpha = torch.where(active & (pap > 0), rz / torch.where(pap > 0, pap, torch.ones_like(pap)), 0.0)
+            if bool((active & (pap <= 0)).any()):
+                raise ChargeEquilibrationError(
+                    "charge equilibration matrix is not positive definite on the constrained "
+                    f"subspace (pᵀAp = {float(pap.min()):.3g}); hardness or widths are non-physical"
+                )
+            x = x + alpha * p
+            r = self._project(r - alpha * ap)
+            z = precondition(r)
+            rz_new = (r * z).sum(0)
+            beta = torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, torch.ones_like(rz)), 0.0)
+            p = z + beta * p
+            # keep the search direction on the constraint surface: rounding errors along
+            # the group-constant directions would otherwise grow (A need not be positive
+            # definite there, e.g. the jellium mode of a periodic cell)
+            p = p - m_inv * (_group_sums(p, group, g) / w_sum)[group]
+            rz = rz_new
+            res = torch.linalg.norm(r, dim=0) / scale
+            res = torch.where(norm0 <= floor, torch.zeros_like(res), res)
+            it += 1
+            if float(res.max()) < 0.5 * best:
+                best, since_best = float(res.max()), 0
+            else:
+                since_best += 1
+        self.iterations = it
+        self.residual = float(res.max()) if res.numel() else 0.0
+        logger.debug("QEq CG converged in %d iterations (residual %.2e)", it, self.residual)
+        return x
+
+
+class _Solve(torch.autograd.Function):
+    """``y = B x`` (constrained inverse, zero group sums); linear, symmetric, differentiable."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, solver: ConstrainedSolver) -> torch.Tensor:  # type: ignore[override]
+        ctx.solver = solver
+        return solver.solve(x).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return _Solve.apply(grad, ctx.solver), None
+
+
+class _NewtonCorrection(torch.autograd.Function):
+    """Value zero (the residual vanishes at the solution); derivative ``B P``."""
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, solver: ConstrainedSolver) -> torch.Tensor:  # type: ignore[override]
+        ctx.solver = solver
+        return torch.zeros_like(g)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return _Solve.apply(grad, ctx.solver), None
+
+
+def solve_qeq(
+    positions: torch.Tensor,
+    electronegativity: torch.Tensor,
+    hardness: torch.Tensor,
+    widths: torch.Tensor,
+    cell: Optional[torch.Tensor] = None,
+    pbc=(False, False, False),
+    total_charge: float | torch.Tensor = 0.0,
+    *,
+    groups: Optional[torch.Tensor] = None,
+    group_charges: Optional[torch.Tensor] = None,
+    solver: str = "auto",
+    tol: float = 1e-8,
+    max_iter: int = 500,
+    accuracy: float = 1e-6,
+    method: str = "auto",
+    base_smearing: float = 0.0,
+    newton_steps: int = 1,
+    initial_guess: Optional[torch.Tensor] = None,
+) -> Dict[str, torch.Tensor]:
+    r"""Equilibrated charges and QEq energy of one structure, differentiable in every input.
+
+    Minimises :math:`\sum_i \chi_i q_i + \tfrac12 q^\top A q` (see the module docs) subject to
+    :math:`\sum_i q_i = Q`, or to one fixed sum per group of atoms.
+
+    Args:
+        positions: [N, 3] Å.
+        electronegativity: [N] χ_i, V (eV/e); put external potentials here (a field
+            ``E`` enters as ``χ_i − E·r_i``, an electrode potential ``V`` as ``χ_i − V``).
+        hardness: [N] J_i > 0, eV/e².
+        widths: [N] Gaussian standard deviations σ_i > 0, Å.
+        cell: [3, 3] Å (``None`` for open boundaries).
+        pbc: three booleans.
+        total_charge: Q, e (used when ``groups`` is ``None``).
+        groups: [N] int64 group of every atom (0..G−1), each with a fixed charge sum.
+        group_charges: [G] the charge sum of each group, e.
+        solver: ``"dense"``, ``"cg"`` or ``"auto"`` (dense up to 256 atoms).
+        tol: relative residual of the CG solve (the dense solve is exact).
+        max_iter: CG iteration limit (a :class:`ChargeEquilibrationError` beyond it).
+        accuracy: relative accuracy of the electrostatics.
+        method: electrostatics method for periodic cells.
+        base_smearing: common Gaussian width of the engine sum, Å (0: point charges).
+        newton_steps: Newton steps after the solve that carry derivatives (1: exact first
+            derivatives; 2: exact second derivatives of the charges).
+        initial_guess: [N] charges to start CG from (e.g. the previous MD step's).
+
+    Returns:
+        ``charges`` [N] e, ``energy`` [] eV, ``chemical_potential`` [G] V (the Lagrange
+        multiplier of each group), ``iterations`` and ``residual`` (CG diagnostics).
+    """
+    n = positions.shape[0]
+    dtype, device = positions.dtype, positions.device
+    if electronegativity.shape != (n,):
+        raise ValueError(f"`electronegativity` must have shape [{n}], got {tuple(electronegativity.shape)}")
+    if bool((hardness.detach() <= 0).any()):
+        raise ValueError("hardness J must be > 0 eV/e² for every atom")
+    if cell is None:
+        cell = torch.zeros(3, 3, dtype=dtype, device=device)
+    if groups is None:
+        groups = torch.zeros(n, dtype=torch.int64, device=device)
+        group_charges = torch.as_tensor(total_charge, dtype=dtype, device=device).reshape(1)
+    else:
+        groups = groups.to(torch.int64)
+        if group_charges is None:
+            raise ValueError("`group_charges` is required with `groups`")
+        n_groups = int(groups.max()) + 1 if n else 0
+        present = torch.bincount(groups, minlength=n_groups)
+        if bool((present == 0).any()):
+            raise ValueError("every group index 0..G−1 must contain at least one atom")
+        group_charges = torch.as_tensor(group_charges, dtype=dtype, device=device).reshape(n_groups)
+    if solver == "auto":
+        solver = "dense" if n <= 256 else "cg"
+    op = GaussianCoulombOperator(positions, cell, pbc, widths, hardness, accuracy, method, base_smearing)
+    frozen = ConstrainedSolver(op.detached(torch.float64), groups, solver, tol, max_iter)
+    q0 = frozen.solve(
+        -electronegativity.detach().to(torch.float64),
+        group_charges.detach().to(torch.float64),
+        x0=None if initial_guess is None else initial_guess.detach().to(torch.float64),
+    ).to(dtype)
+    q = q0
+    for _ in range(int(newton_steps)):
+        residual = op.matvec(q) + electronegativity
+        q = q - _NewtonCorrection.apply(residual, frozen)
+    a_q = op.matvec(q)
+    energy = (electronegativity * q).sum() + 0.5 * (q * a_q).sum()
+    grad = (a_q + electronegativity).detach()
+    counts = torch.bincount(groups, minlength=frozen.n_groups).to(dtype)
+    mu = _group_sums(grad[:, None], groups, frozen.n_groups)[:, 0] / counts
+    return {
+        "charges": q,
+        "energy": energy,
+        "chemical_potential": mu,
+        "iterations": torch.tensor(frozen.iterations),
+        "residual": torch.tensor(frozen.residual),
+    }
