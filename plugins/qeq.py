@@ -244,6 +244,7 @@ class QEqBlock(LongRangeBlock):
         electrode = ctx["electrode"]
         potential = ctx["electrode_potential"].to(positions.dtype)
         energies, charges, electrode_charges = [], [], []
+        self.last_iterations = []  # CG iterations per structure (diagnostics, benchmarks)
         steps = 2 if self.fourth_generation else 1
         for g in range(len(bounds) - 1):
             a, b = bounds[g], bounds[g + 1]
@@ -297,6 +298,7 @@ class QEqBlock(LongRangeBlock):
                 initial_guess=guess,
             )
             q = result["charges"]
+            self.last_iterations.append(int(result["iterations"]))
             if use_warm:
                 _WARM_START[key] = q.detach()
                 while len(_WARM_START) > 16:

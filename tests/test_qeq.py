@@ -100,9 +100,8 @@ def test_dense_and_cg_agree_on_charges_energy_forces_and_gradients(kind):
         chi = system["chi"].clone().requires_grad_(True)
         hard = system["hardness"].clone().requires_grad_(True)
         width = system["widths"].clone().requires_grad_(True)
-        out = solve_qeq(
-            pos, chi, hard, width, system["cell"], system["pbc"], -1.0, solver=solver, tol=1e-10, accuracy=1e-8
-        )
+        cell, pbc = system["cell"], system["pbc"]
+        out = solve_qeq(pos, chi, hard, width, cell, pbc, -1.0, solver=solver, tol=1e-10, accuracy=1e-8)
         # a loss that depends on the charges themselves, not only on the stationary energy
         loss = out["energy"] + (out["charges"] ** 2 * torch.linspace(0.5, 2.0, len(pos))).sum()
         grads = torch.autograd.grad(loss, [pos, chi, hard, width])
@@ -315,3 +314,28 @@ def test_qeq_warm_start_gives_the_same_charges():
     cold = evaluate(cold_model, [moved])["charges"]
     assert float((warm - cold).abs().max()) < 1e-8
     assert float((warm - first).abs().max()) > 1e-6
+
+
+def test_spectral_preconditioner_same_charges_fewer_iterations():
+    atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True) * (3, 3, 3)
+    atoms.rattle(0.1, seed=0)
+    n = len(atoms)
+    rng = np.random.default_rng(0)
+    na = torch.tensor(atoms.numbers == 11)
+    args = (
+        torch.tensor(atoms.positions),
+        torch.where(na, 2.8, 8.3).double() + torch.tensor(rng.normal(0.0, 0.3, n)),
+        torch.where(na, 1.0, 1.4).double(),
+        torch.where(na, 1.66, 1.02).double(),
+        torch.tensor(np.asarray(atoms.cell)),
+        (True, True, True),
+        1.0,
+    )
+    out = {
+        pc: solve_qeq(*args, solver="cg", tol=1e-9, accuracy=1e-6, preconditioner=pc)
+        for pc in ("jacobi", "spectral")
+    }
+    diff = float((out["jacobi"]["charges"] - out["spectral"]["charges"]).abs().max())
+    assert diff < 1e-7
+    assert abs(float(out["spectral"]["charges"].sum()) - 1.0) < 1e-8
+    assert int(out["spectral"]["iterations"]) < 0.8 * int(out["jacobi"]["iterations"])

@@ -37,8 +37,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ._engine import coulomb_potential_single
-from ._kernels import COULOMB_CONSTANT
+from ._engine import _cached_parameters, _reciprocal_space, coulomb_potential_single
+from ._kernels import COULOMB_CONSTANT, short_range_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,8 @@ class GaussianCoulombOperator:
         accuracy: float = 1e-6,
         method: str = "auto",
         base_smearing: float = 0.0,
-        _pairs: Optional[torch.Tensor] = None,
+        _pairs: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+        _frozen: bool = False,
     ) -> None:
         n = positions.shape[0]
         if widths.shape != (n,) or hardness.shape != (n,):
@@ -106,6 +107,32 @@ class GaussianCoulombOperator:
             _pairs = _pair_list(positions, cell, self.pair_cutoff, self.pbc)
         self.pairs = _pairs
         self._correction = self._pair_values()
+        self._fast: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, object]] = None
+        if _frozen and self.pbc == (True, True, True) and n:
+            self._fast = self._merged_real_space()
+
+    def _merged_real_space(self):
+        """Real-space list for repeated products at fixed geometry (CG).
+
+        One precomputed list holds both the Ewald real-space kernel and the width
+        correction, so no neighbour list is rebuilt per iteration; the k-space part is the
+        engine's.
+        """
+        n = self.positions.shape[0]
+        s0 = self.base_smearing
+        params = _cached_parameters(self.cell, n, s0, self.accuracy, self.method)
+        cutoff = max(params.rcut, self.pair_cutoff)
+        i, j, shifts = _pair_list(self.positions, self.cell, cutoff, self.pbc)
+        vec = self.positions[j] - self.positions[i] + shifts.to(self.positions.dtype) @ self.cell
+        dist = torch.linalg.norm(vec, dim=-1)
+        values = torch.zeros_like(dist)
+        if params.rcut > 0:
+            values = torch.where(dist < params.rcut, short_range_kernel(dist, s0, params.split), values)
+        gamma = torch.sqrt(self.widths[i] ** 2 + self.widths[j] ** 2)
+        base = torch.erf(dist / (_SQRT2 * s0)) if s0 > 0 else torch.ones_like(dist)
+        correction = (torch.erf(dist / (_SQRT2 * gamma)) - base) / dist
+        values = values + torch.where(dist < self.pair_cutoff, correction, torch.zeros_like(dist))
+        return i, j, COULOMB_CONSTANT * values, params
 
     def _pair_values(self) -> torch.Tensor:
         i, j, shifts = self.pairs
@@ -126,6 +153,13 @@ class GaussianCoulombOperator:
         """``A q`` for charges [N] or [N, C] (differentiable in every input)."""
         squeeze = q.ndim == 1
         q2 = q[:, None] if squeeze else q
+        if self._fast is not None:
+            i, j, v, params = self._fast
+            phi = _reciprocal_space(self.positions, q2, self.cell, params, self.base_smearing)
+            phi = COULOMB_CONSTANT * phi
+            v2 = v[:, None]
+            phi = phi.index_add(0, i, v2 * q2[j]).index_add(0, j, v2 * q2[i]) + self.diagonal[:, None] * q2
+            return phi[:, 0] if squeeze else phi
         phi = coulomb_potential_single(
             self.positions,
             q2,
@@ -155,6 +189,7 @@ class GaussianCoulombOperator:
             self.method,
             self.base_smearing,
             _pairs=self.pairs,
+            _frozen=True,
         )
 
     def dense(self) -> torch.Tensor:
@@ -195,6 +230,73 @@ def _group_sums(x: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Te
     return out.index_add(0, group, x)
 
 
+class SpectralPreconditioner:
+    r"""Jacobi plus a k-space correction for the long-wavelength charge modes (periodic cells).
+
+    For smooth charge modes the QEq matrix acts like :math:`\bar d + \rho\,\hat C(k)` with
+    :math:`\hat C(k) = 4\pi k_e e^{-s^2k^2/2}/k^2`: its Coulomb part grows as 1/k², so plain
+    Jacobi-preconditioned CG needs iterations that grow with the box length. This operator
+    applies :math:`M^{-1} r = r/d + (M_\mathrm{mesh}/N)\,W^\top F W r`, with cloud-in-cell
+    spreading ``W`` onto a mesh of about one point per atom and the filter
+    :math:`F(k) = 1/(\bar d + \rho \hat C(k)) - 1/\bar d` (zero at k = 0). It is symmetric,
+    only affects convergence (never the solution), and is checked for positivity by CG.
+    """
+
+    def __init__(self, operator: "GaussianCoulombOperator") -> None:
+        pos, cell = operator.positions, operator.cell
+        n = pos.shape[0]
+        dtype, device = pos.dtype, pos.device
+        self.d = operator.diagonal
+        volume = float(torch.abs(torch.linalg.det(cell)))
+        spacing = (volume / n) ** (1.0 / 3.0)
+        lengths = torch.linalg.norm(cell, dim=1)
+        shape = [max(4, int(round(float(length) / spacing))) for length in lengths]
+        self.shape = shape
+        sizes = torch.tensor(shape, dtype=dtype, device=device)
+        frac = torch.remainder(pos @ torch.linalg.inv(cell), 1.0) * sizes
+        base = torch.floor(frac)
+        t = frac - base
+        base = base.to(torch.int64)
+        idx, wts = [], []
+        for cx in (0, 1):
+            for cy in (0, 1):
+                for cz in (0, 1):
+                    ix = (base[:, 0] + cx) % shape[0]
+                    iy = (base[:, 1] + cy) % shape[1]
+                    iz = (base[:, 2] + cz) % shape[2]
+                    idx.append((ix * shape[1] + iy) * shape[2] + iz)
+                    w = (t[:, 0] if cx else 1 - t[:, 0]) * (t[:, 1] if cy else 1 - t[:, 1])
+                    wts.append(w * (t[:, 2] if cz else 1 - t[:, 2]))
+        self.index = torch.stack(idx, 1)  # [N, 8]
+        self.weights = torch.stack(wts, 1)
+        self.mesh_points = shape[0] * shape[1] * shape[2]
+        # filter on the rfft grid
+        freqs = [torch.fft.fftfreq(m, d=1.0 / m, dtype=dtype, device=device) for m in shape[:2]]
+        freqs.append(torch.fft.rfftfreq(shape[2], d=1.0 / shape[2], dtype=dtype, device=device))
+        grid = torch.stack(torch.meshgrid(*freqs, indexing="ij"), -1)
+        kvec = 2.0 * math.pi * grid @ torch.linalg.inv(cell).T
+        k2 = (kvec**2).sum(-1)
+        width2 = 2.0 * float((operator.widths**2).mean())
+        dbar = float(self.d.mean())
+        rho = n / volume
+        safe = torch.where(k2 > 0, k2, torch.ones_like(k2))
+        coulomb = 4.0 * math.pi * COULOMB_CONSTANT * torch.exp(-0.5 * width2 * safe) / safe
+        filt = 1.0 / (dbar + rho * coulomb) - 1.0 / dbar
+        self.filter = torch.where(k2 > 0, filt, torch.zeros_like(filt))
+
+    def __call__(self, r: torch.Tensor) -> torch.Tensor:
+        n, c = r.shape
+        mesh = torch.zeros((self.mesh_points, c), dtype=r.dtype, device=r.device)
+        spread = (self.weights[:, :, None] * r[:, None, :]).reshape(-1, c)
+        mesh = mesh.index_add(0, self.index.reshape(-1), spread)
+        grid = mesh.T.reshape(c, *self.shape)
+        filtered = torch.fft.rfftn(grid, dim=(1, 2, 3)) * self.filter
+        smooth = torch.fft.irfftn(filtered, s=self.shape, dim=(1, 2, 3))
+        values = smooth.reshape(c, -1).T[self.index]  # [N, 8, C]
+        back = (values * self.weights[:, :, None]).sum(1)
+        return r / self.d[:, None] + (self.mesh_points / n) * back
+
+
 class ConstrainedSolver:
     """Minimises ``½ xᵀAx − bᵀx`` subject to fixed sums of ``x`` over groups of atoms.
 
@@ -213,9 +315,18 @@ class ConstrainedSolver:
         method: str = "cg",
         tol: float = 1e-6,
         max_iter: int = 500,
+        preconditioner: str = "auto",
     ) -> None:
         if method not in ("cg", "dense"):
             raise ValueError(f"unknown charge solver {method!r}; use 'cg' or 'dense'")
+        if preconditioner not in ("auto", "jacobi", "spectral"):
+            raise ValueError(f"unknown preconditioner {preconditioner!r}; use 'auto', 'jacobi' or 'spectral'")
+        periodic = operator.pbc == (True, True, True)
+        if preconditioner == "spectral" and not periodic:
+            raise ValueError("the spectral preconditioner needs a fully periodic cell")
+        if preconditioner == "auto":
+            preconditioner = "spectral" if periodic and group.shape[0] >= 64 else "jacobi"
+        self.preconditioner = preconditioner
         self.operator = operator
         self.group = group
         self.n_groups = int(group.max()) + 1 if group.numel() else 0
@@ -265,11 +376,23 @@ class ConstrainedSolver:
         op, group, g = self.operator, self.group, self.n_groups
         m_inv = (1.0 / op.diagonal)[:, None].expand_as(b)
         w_sum = _group_sums(m_inv, group, g)
+        if self.preconditioner == "spectral":
+            apply_m = SpectralPreconditioner(op)
+        else:
+
+            def apply_m(r: torch.Tensor) -> torch.Tensor:
+                return r / op.diagonal[:, None]
+
+        # M⁻¹ r projected onto zero group sums in the M-metric:
+        # z = M⁻¹r − U (CᵀU)⁻¹ Cᵀ M⁻¹ r with C the group indicator and U = M⁻¹C
+        indicator = torch.zeros((b.shape[0], g), dtype=b.dtype, device=b.device)
+        indicator[torch.arange(b.shape[0], device=b.device), group] = 1.0
+        u = apply_m(indicator)
+        ctu_inv = torch.linalg.inv(indicator.T @ u)
 
         def precondition(r: torch.Tensor) -> torch.Tensor:
-            # M⁻¹ r projected onto zero group sums in the M-metric
-            z = m_inv * r
-            return z - m_inv * (_group_sums(z, group, g) / w_sum)[group]
+            z = apply_m(r)
+            return z - u @ (ctu_inv @ (indicator.T @ z))
 
         # feasible start: targets spread in proportion to 1/A_ii, or the shifted warm start
         x = m_inv * (t / w_sum)[group]
@@ -318,6 +441,11 @@ class ConstrainedSolver:
             r = self._project(r - alpha * ap)
             z = precondition(r)
             rz_new = (r * z).sum(0)
+            if bool(((rz_new < 0) & (res > self.tol)).any()):
+                raise ChargeEquilibrationError(
+                    f"the {self.preconditioner} preconditioner is not positive definite for this "
+                    "structure; use preconditioner='jacobi'"
+                )
             beta = torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, torch.ones_like(rz)), 0.0)
             p = z + beta * p
             # keep the search direction on the constraint surface: rounding errors along
@@ -383,6 +511,7 @@ def solve_qeq(
     base_smearing: float = 0.0,
     newton_steps: int = 1,
     initial_guess: Optional[torch.Tensor] = None,
+    preconditioner: str = "auto",
 ) -> Dict[str, torch.Tensor]:
     r"""Equilibrated charges and QEq energy of one structure, differentiable in every input.
 
@@ -409,6 +538,9 @@ def solve_qeq(
         newton_steps: Newton steps after the solve that carry derivatives (1: exact first
             derivatives; 2: exact second derivatives of the charges).
         initial_guess: [N] charges to start CG from (e.g. the previous MD step's).
+        preconditioner: CG preconditioner: ``"jacobi"``, ``"spectral"`` (Jacobi plus a
+            k-space correction of long-wavelength modes, periodic cells) or ``"auto"``
+            (spectral for periodic cells of 64 atoms or more).
 
     Returns:
         ``charges`` [N] e, ``energy`` [] eV, ``chemical_potential`` [G] V (the Lagrange
@@ -437,7 +569,7 @@ def solve_qeq(
     if solver == "auto":
         solver = "dense" if n <= 256 else "cg"
     op = GaussianCoulombOperator(positions, cell, pbc, widths, hardness, accuracy, method, base_smearing)
-    frozen = ConstrainedSolver(op.detached(torch.float64), groups, solver, tol, max_iter)
+    frozen = ConstrainedSolver(op.detached(torch.float64), groups, solver, tol, max_iter, preconditioner)
     q0 = frozen.solve(
         -electronegativity.detach().to(torch.float64),
         group_charges.detach().to(torch.float64),
