@@ -19,11 +19,21 @@ from ._model import LongRangeMACE
 logger = logging.getLogger(__name__)
 
 #: Properties computed on every call.
-_BASIC = ["energy", "free_energy", "forces", "stress", "charges", "dipole", "polarization", "lr_energy"]
+_BASIC = [
+    "energy",
+    "free_energy",
+    "forces",
+    "stress",
+    "charges",
+    "dipole",
+    "polarization",
+    "lr_energy",
+    "electrode_charge",
+]
 #: Properties that need second derivatives; computed only when asked for.
 _RESPONSE = ["born_effective_charges", "polarizability"]
 #: atoms.info keys whose change invalidates the results.
-_INFO_KEYS = ("charge", "spin", "external_field", "head")
+_INFO_KEYS = ("charge", "spin", "external_field", "head", "electrode_potential")
 
 
 class MACELRCalculator(Calculator):
@@ -138,6 +148,9 @@ class MACELRCalculator(Calculator):
             res["born_effective_charges"] = out["born_effective_charges"].detach().cpu().numpy()
         if want_pol:
             res["polarizability"] = out["polarizability"].detach().cpu().numpy()[0]
+        electrode = [v for k, v in out.items() if k.endswith("_electrode_charge") and v is not None]
+        if electrode:
+            res["electrode_charge"] = float(sum(v.detach()[0] for v in electrode))
         for key, value in out.items():
             if (
                 key.endswith("_energy")

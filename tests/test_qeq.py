@@ -339,3 +339,17 @@ def test_spectral_preconditioner_same_charges_fewer_iterations():
     assert diff < 1e-7
     assert abs(float(out["spectral"]["charges"].sum()) - 1.0) < 1e-8
     assert int(out["spectral"]["iterations"]) < 0.8 * int(out["jacobi"]["iterations"])
+
+
+def test_calculator_reports_electrode_charge_and_follows_the_potential():
+    from mace_lr import MACELRCalculator
+
+    model = perturb_blocks(augment(make_test_model(), {"qeq": {"coupling_init": 1.0}}))
+    atoms = _capacitor(0.5)
+    atoms.calc = MACELRCalculator(model, default_dtype="float64")
+    q_half = atoms.calc.get_property("electrode_charge", atoms)
+    atoms.info["electrode_potential"] = 1.5  # a change of bias alone must trigger a new calculation
+    q_more = atoms.calc.get_property("electrode_charge", atoms)
+    assert q_more - q_half > 1e-4
+    forces = atoms.get_forces()
+    assert np.isfinite(forces).all()

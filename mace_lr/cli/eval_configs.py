@@ -61,6 +61,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if "charges" in res:
             atoms.arrays[f"{p}charges"] = res["charges"]
         atoms.info[f"{p}dipole"] = np.asarray(res["dipole"])
+        if "electrode_charge" in res:
+            atoms.info[f"{p}electrode_charge"] = res["electrode_charge"]
         if "polarization" in res:
             atoms.info[f"{p}polarization"] = res["polarization"]
         if args.compute_bec:
