@@ -106,7 +106,9 @@ def _run(n_cells: int, variant: str, args) -> dict:
     cmd += ["--accuracy", str(args.accuracy), "--tol", str(args.tol)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
-        return {"n": 8 * n_cells**3, "variant": variant, "error": proc.stderr.strip().splitlines()[-1]}
+        lines = proc.stderr.strip().splitlines()
+        why = f"exit {proc.returncode}" + (" (killed: out of memory?)" if proc.returncode < 0 else "")
+        return {"n": 8 * n_cells**3, "variant": variant, "error": f"{why}: {lines[-1] if lines else ''}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

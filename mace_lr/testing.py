@@ -313,12 +313,18 @@ def assert_dtype_consistency(model: LongRangeMACE, atoms, rtol: float = 1e-4) ->
 def assert_parameters_train_and_save(model: LongRangeMACE, systems: Sequence) -> None:
     """Every block parameter gets a gradient from an energy+force loss, is in
     ``model.parameters()`` (so the optimiser sees it) and survives save/load.
+
+    The structures get a small applied field (unless they carry one), so that parameters
+    which only act in a field (the ``field`` block's) are exercised too.
     """
     from ._io import load, save
 
     model = copy.deepcopy(model).train()
     dtype = next(model.parameters()).dtype
-    batch = atoms_to_batch(list(systems), model.atomic_numbers, model.r_max, heads=model.heads, dtype=dtype)
+    systems = [a.copy() for a in systems]
+    for a in systems:
+        a.info.setdefault("external_field", np.array([0.05, -0.03, 0.02]))
+    batch = atoms_to_batch(systems, model.atomic_numbers, model.r_max, heads=model.heads, dtype=dtype)
     out = model(batch, training=True)
     loss = out["energy"].pow(2).sum() + out["forces"].pow(2).sum()
     loss.backward()

@@ -1,0 +1,99 @@
+r"""Response quantities and their losses: polarization modulo the polarization quantum.
+
+In a periodic cell the polarization is multivalued: moving one atom of charge z by a
+lattice vector :math:`\mathbf a_k`, or choosing another branch of the Berry phase, changes
+P by :math:`z e\,\mathbf a_k/Ω`. Two polarizations are the same physical state when they
+differ by a vector of the lattice of quanta :math:`\{\sum_k n_k e\,\mathbf a_k / Ω\}`, so
+a loss must compare them at the minimum image in polarization space
+(physics.md, "Field-coupled energy"). Directions that are not periodic (slab normal,
+molecules) have no quantum and are compared as they are.
+
+The model's own dipole (:class:`~mace_lr.LongRangeMACE` ``dipole``, ``polarization =
+dipole / Ω``) is single-valued along a simulation; its branch is set by the positions as
+given (atoms are not wrapped into the cell).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Optional
+
+import torch
+
+from .electrostatics._kernels import cell_volume
+
+__all__ = ["polarization_minimum_image", "polarization_loss", "polarization_quantum"]
+
+
+def polarization_quantum(cell: torch.Tensor) -> torch.Tensor:
+    """The quanta e·a_k/Ω [n_graphs, 3 (k), 3 (xyz)], e/Å², of cells [n_graphs, 3, 3]."""
+    cell = cell.view(-1, 3, 3)
+    return cell / cell_volume(cell).abs().view(-1, 1, 1)
+
+
+def polarization_minimum_image(
+    delta: torch.Tensor, cell: torch.Tensor, pbc: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """The shortest vector equal to ``delta`` modulo the polarization quanta.
+
+    Args:
+        delta: polarization differences [n_graphs, 3], e/Å².
+        cell: cells [n_graphs, 3, 3], Å, rows are lattice vectors.
+        pbc: periodic directions [n_graphs, 3] (default: all periodic). Only periodic
+            lattice vectors carry a quantum.
+
+    Returns:
+        ``delta − Σ_k n_k e a_k/Ω`` with the integers n_k that make it shortest
+        [n_graphs, 3]; differentiable in ``delta`` (the n_k are constants).
+    """
+    if delta.dim() != 2 or delta.shape[-1] != 3:
+        raise ValueError(f"polarization differences must have shape [n_graphs, 3], got {tuple(delta.shape)}")
+    cell = cell.view(-1, 3, 3).to(delta.dtype)
+    if cell.shape[0] != delta.shape[0]:
+        raise ValueError(f"{delta.shape[0]} polarizations but {cell.shape[0]} cells")
+    if pbc is None:
+        pbc = torch.ones((delta.shape[0], 3), dtype=torch.bool, device=delta.device)
+    pbc = pbc.view(-1, 3).to(torch.bool)
+    quantum = polarization_quantum(cell)  # [G, 3, 3]
+    out = delta.clone()
+    for g in range(delta.shape[0]):
+        periodic = [k for k in range(3) if bool(pbc[g, k])]
+        if not periodic:
+            continue
+        basis = quantum[g, periodic].detach()  # [m, 3]
+        # coefficients of delta in the quantum basis (least squares for m < 3)
+        coef = torch.linalg.lstsq(basis.T, delta[g].detach()[:, None]).solution[:, 0]
+        start = torch.round(coef)
+        best, best_norm = None, None
+        # rounding is the minimum image only for orthogonal cells; search the neighbours
+        for offset in itertools.product((-1.0, 0.0, 1.0), repeat=len(periodic)):
+            n = start + torch.tensor(offset, dtype=delta.dtype, device=delta.device)
+            cand = delta[g] - n @ basis
+            norm = float((cand.detach() ** 2).sum())
+            if best_norm is None or norm < best_norm:
+                best, best_norm = cand, norm
+        out[g] = best
+    return out
+
+
+def polarization_loss(
+    pred: torch.Tensor,
+    ref: torch.Tensor,
+    cell: torch.Tensor,
+    pbc: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Mean squared polarization error at the minimum image, (e/Å²)².
+
+    Args:
+        pred: predicted polarizations [n_graphs, 3], e/Å².
+        ref: reference polarizations [n_graphs, 3], e/Å², on any branch.
+        cell: cells [n_graphs, 3, 3], Å (rows are lattice vectors).
+        pbc: periodic directions [n_graphs, 3] (default: all periodic).
+        weight: optional per-structure weights [n_graphs].
+    """
+    diff = polarization_minimum_image(pred - ref, cell, pbc)
+    sq = (diff**2).sum(-1)
+    if weight is not None:
+        sq = sq * weight.view(-1).to(sq.dtype)
+    return sq.mean()
