@@ -22,7 +22,7 @@ import torch
 
 from .electrostatics._kernels import cell_volume
 
-__all__ = ["polarization_minimum_image", "polarization_loss", "polarization_quantum"]
+__all__ = ["dipole_minimum_image", "polarization_minimum_image", "polarization_loss", "polarization_quantum"]
 
 
 def polarization_quantum(cell: torch.Tensor) -> torch.Tensor:
@@ -74,6 +74,26 @@ def polarization_minimum_image(
                 best, best_norm = cand, norm
         out[g] = best
     return out
+
+
+def dipole_minimum_image(
+    delta: torch.Tensor, cell: torch.Tensor, pbc: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Dipole differences per cell [n_graphs, 3] e·Å at the minimum image modulo e·a_k.
+
+    The cell dipole Ω P of a periodic structure is defined modulo e times each periodic
+    lattice vector. Structures without periodic directions (or with a zero cell, as mace
+    stores molecules) are returned unchanged.
+    """
+    cell = cell.view(-1, 3, 3).to(delta.dtype)
+    if pbc is None:
+        pbc = cell.detach().abs().sum(-1) > 0
+    pbc = pbc.view(-1, 3).to(torch.bool) & (cell.detach().abs().sum(-1) > 0)
+    if not bool(pbc.any()):
+        return delta
+    volume = cell_volume(cell).abs().view(-1, 1)
+    safe = torch.where(volume > 0, volume, torch.ones_like(volume))
+    return polarization_minimum_image(delta / safe, cell, pbc) * safe
 
 
 def polarization_loss(

@@ -143,3 +143,39 @@ def test_training_with_the_modulo_loss_learns_across_branch_jumps():
     # judged on the physical (modulo) error; the plain loss chases the branch jumps
     assert modulo < 0.1 * plain, (modulo, plain, spread)
     assert modulo < 0.05 * spread, (modulo, spread)
+
+
+def test_training_dipole_loss_is_modulo_the_lattice_for_periodic_structures():
+    from mace_lr.cli.run_train import LongRangeLoss
+
+    class Zero(torch.nn.Module):
+        def forward(self, ref, pred):
+            return torch.zeros((), dtype=torch.float64)
+
+    cells = _cells()
+    periodic, slab = cells[0], cells[2]
+    molecule = periodic.copy()
+    molecule.pbc = False
+    molecule.cell = np.zeros((3, 3))
+    structures = [periodic, slab, molecule]
+    loss_fn = LongRangeLoss(Zero(), dipole_weight=1.0)
+    ref = torch.stack([_t((a.positions * 0.1).sum(0)) for a in structures])
+    pred = ref + _t([[0.01, -0.02, 0.03]] * 3)
+    batch = {
+        "cell": _t(np.concatenate([np.asarray(a.cell) for a in structures])),
+        "pbc": torch.tensor(np.array([a.pbc for a in structures])),
+        "dipole": ref,
+    }
+    base = float(loss_fn(batch, {"dipole": pred}))
+    assert abs(base - float(((pred - ref) ** 2).mean())) < 1e-15  # small errors: the plain loss
+    shifted = ref.clone()
+    shifted[0] += 2 * _t(periodic.cell[1]) - _t(periodic.cell[2])  # other branches
+    shifted[1] -= _t(slab.cell[0])
+    assert abs(float(loss_fn({**batch, "dipole": shifted}, {"dipole": pred})) - base) < 1e-12
+    # no quantum along the slab normal, nor for a molecule
+    moved = ref.clone()
+    moved[1, 2] += 5.64
+    assert float(loss_fn({**batch, "dipole": moved}, {"dipole": pred})) > base + 1.0
+    moved = ref.clone()
+    moved[2, 0] += 5.64
+    assert float(loss_fn({**batch, "dipole": moved}, {"dipole": pred})) > base + 1.0

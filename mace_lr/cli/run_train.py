@@ -31,6 +31,8 @@ from unittest import mock
 import mace  # noqa: F401  (before e3nn)
 import torch
 
+from mace_lr.response import dipole_minimum_image
+
 logger = logging.getLogger(__name__)
 
 
@@ -189,11 +191,22 @@ def _dipole_requested(argv: Sequence[str]) -> bool:
     return any(a.split("=")[0] in ("--dipole_key", "--dipole_weight") for a in argv)
 
 
+def _batch_value(batch: Any, key: str) -> Optional[torch.Tensor]:
+    try:
+        return batch[key]
+    except (KeyError, AttributeError, TypeError):
+        return None
+
+
 class LongRangeLoss(torch.nn.Module):
     r"""mace's loss plus optional dipole and charge terms on the blocks' outputs.
 
     .. math:: L = L_\mathrm{mace} + w_\mu \langle|\mu - \mu_\mathrm{ref}|^2\rangle
               + w_q \langle (q_i - q_{i,\mathrm{ref}})^2 \rangle
+
+    For periodic structures the dipole (Ω P, e·Å) is compared at the minimum image modulo
+    e·a_k along each periodic lattice vector (:func:`mace_lr.response.dipole_minimum_image`),
+    so a reference on another polarization branch costs nothing.
     """
 
     def __init__(self, base_loss: torch.nn.Module, dipole_weight: float = 0.0, charges_weight: float = 0.0):
@@ -211,7 +224,10 @@ class LongRangeLoss(torch.nn.Module):
         if self.dipole_weight > 0:
             if pred.get("dipole") is None:
                 raise RuntimeError("a dipole loss was requested but no block of this model predicts a dipole")
-            loss = loss + self.dipole_weight * torch.mean((pred["dipole"] - ref["dipole"].view(-1, 3)) ** 2)
+            delta = pred["dipole"] - ref["dipole"].view(-1, 3)
+            # a periodic cell's dipole (Ω P) is defined modulo e·a_k: compare at the minimum image
+            delta = dipole_minimum_image(delta, ref["cell"], _batch_value(ref, "pbc"))
+            loss = loss + self.dipole_weight * torch.mean(delta**2)
         if self.charges_weight > 0:
             loss = loss + self.charges_weight * torch.mean((pred["charges"] - ref["charges"]) ** 2)
         return loss
