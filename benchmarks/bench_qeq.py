@@ -115,7 +115,9 @@ def _run(n_cells: int, variant: str, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 4096, 32768])
-    parser.add_argument("--dense-max", type=int, default=4096, help="largest N for the dense solver")
+    parser.add_argument(
+        "--dense-max", type=int, default=512, help="largest N for the dense solver (N=4096 needs > 24 GB)"
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--accuracy", type=float, default=1e-4, help="electrostatics accuracy (both blocks)")
     parser.add_argument("--tol", type=float, default=1e-6, help="CG relative residual")

@@ -353,3 +353,47 @@ def test_calculator_reports_electrode_charge_and_follows_the_potential():
     assert q_more - q_half > 1e-4
     forces = atoms.get_forces()
     assert np.isfinite(forces).all()
+
+
+def test_spectral_preconditioner_is_positive_definite_for_a_wide_spread_of_hardness():
+    from mace_lr.electrostatics._qeq import GaussianCoulombOperator, SpectralPreconditioner
+
+    atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True) * (
+        6,
+        6,
+        6,
+    )  # 1728 atoms: the unscaled version was indefinite here
+    atoms.rattle(0.3, seed=1)
+    n = len(atoms)
+    rng = np.random.default_rng(2)
+    hardness = torch.tensor(np.exp(rng.uniform(np.log(0.3), np.log(12.0), n)))  # a 40x spread
+    widths = torch.tensor(rng.uniform(0.7, 1.8, n))
+    op = GaussianCoulombOperator(
+        torch.tensor(atoms.positions),
+        torch.tensor(np.asarray(atoms.cell)),
+        (True, True, True),
+        widths,
+        hardness,
+        accuracy=1e-4,
+        base_smearing=float(widths.min()) * math.sqrt(2.0),
+    ).detached()
+    m = SpectralPreconditioner(op)(torch.eye(n, dtype=torch.float64))
+    assert float((m - m.T).abs().max()) < 1e-12
+    eig = torch.linalg.eigvalsh(0.5 * (m + m.T))
+    assert float(eig.min()) > 0.0
+    # and it is not plain Jacobi: the long-wavelength correction is there
+    assert float((m - torch.diag(1.0 / op.diagonal)).abs().max()) > 1e-3
+    chi = torch.tensor(rng.normal(0.0, 1.0, n))
+    args = (
+        torch.tensor(atoms.positions),
+        chi,
+        hardness,
+        widths,
+        torch.tensor(np.asarray(atoms.cell)),
+        (True,) * 3,
+    )
+    out = {
+        pc: solve_qeq(*args, solver="cg", tol=1e-8, accuracy=1e-4, preconditioner=pc)
+        for pc in ("jacobi", "spectral")
+    }
+    assert float((out["jacobi"]["charges"] - out["spectral"]["charges"]).abs().max()) < 1e-6

@@ -233,13 +233,20 @@ def _group_sums(x: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Te
 class SpectralPreconditioner:
     r"""Jacobi plus a k-space correction for the long-wavelength charge modes (periodic cells).
 
-    For smooth charge modes the QEq matrix acts like :math:`\bar d + \rho\,\hat C(k)` with
-    :math:`\hat C(k) = 4\pi k_e e^{-s^2k^2/2}/k^2`: its Coulomb part grows as 1/k², so plain
-    Jacobi-preconditioned CG needs iterations that grow with the box length. This operator
-    applies :math:`M^{-1} r = r/d + (M_\mathrm{mesh}/N)\,W^\top F W r`, with cloud-in-cell
-    spreading ``W`` onto a mesh of about one point per atom and the filter
-    :math:`F(k) = 1/(\bar d + \rho \hat C(k)) - 1/\bar d` (zero at k = 0). It is symmetric,
-    only affects convergence (never the solution), and is checked for positivity by CG.
+    For smooth charge modes the Jacobi-scaled QEq matrix :math:`D^{-1/2} A D^{-1/2}` acts
+    like :math:`1 + \rho\,\hat C(k)/\bar d` with :math:`\hat C(k) = 4\pi k_e e^{-s^2k^2/2}/k^2`:
+    its Coulomb part grows as 1/k², so plain Jacobi-preconditioned CG needs iterations that
+    grow with the box length. This operator applies
+
+    .. math:: M^{-1} r = D^{-1/2}\big(1 + \theta\,(M_\mathrm{mesh}/N)\,W^\top F W\big) D^{-1/2} r,
+              \qquad F(k) = \frac{1}{1 + \rho \hat C(k)/\bar d} - 1 \in (-1, 0],
+
+    with cloud-in-cell spreading ``W`` onto a mesh of about one point per atom. It is
+    symmetric and only affects convergence, never the solution. Because :math:`-F \preceq f`,
+    :math:`M^{-1} \succeq D^{-1/2}(1 - \theta f (M_\mathrm{mesh}/N) W^\top W) D^{-1/2}` with
+    :math:`f = -\min_k F(k) < 1`; the damping θ = min(1, 0.98/(f λ)) with λ the largest
+    eigenvalue of :math:`(M_\mathrm{mesh}/N) W^\top W` (power iteration) keeps it positive
+    definite for any geometry and any spread of hardness, so CG never breaks down on it.
     """
 
     def __init__(self, operator: "GaussianCoulombOperator") -> None:
@@ -247,6 +254,7 @@ class SpectralPreconditioner:
         n = pos.shape[0]
         dtype, device = pos.dtype, pos.device
         self.d = operator.diagonal
+        self.inv_sqrt_d = 1.0 / torch.sqrt(self.d)
         volume = float(torch.abs(torch.linalg.det(cell)))
         spacing = (volume / n) ** (1.0 / 3.0)
         lengths = torch.linalg.norm(cell, dim=1)
@@ -281,20 +289,43 @@ class SpectralPreconditioner:
         rho = n / volume
         safe = torch.where(k2 > 0, k2, torch.ones_like(k2))
         coulomb = 4.0 * math.pi * COULOMB_CONSTANT * torch.exp(-0.5 * width2 * safe) / safe
-        filt = 1.0 / (dbar + rho * coulomb) - 1.0 / dbar
+        filt = 1.0 / (1.0 + rho * coulomb / dbar) - 1.0
         self.filter = torch.where(k2 > 0, filt, torch.zeros_like(filt))
+        self.damping = 1.0
+        deepest = float(-self.filter.min()) if self.filter.numel() else 0.0
+        if n and deepest > 0:
+            self.damping = min(1.0, 0.98 / (self._largest_mesh_eigenvalue() * deepest))
+
+    def _spread(self, r: torch.Tensor) -> torch.Tensor:
+        c = r.shape[1]
+        mesh = torch.zeros((self.mesh_points, c), dtype=r.dtype, device=r.device)
+        spread = (self.weights[:, :, None] * r[:, None, :]).reshape(-1, c)
+        return mesh.index_add(0, self.index.reshape(-1), spread)
+
+    def _gather(self, mesh: torch.Tensor) -> torch.Tensor:
+        return (mesh[self.index] * self.weights[:, :, None]).sum(1)
+
+    def _largest_mesh_eigenvalue(self, steps: int = 30) -> float:
+        """λ_max of (M_mesh/N) WᵀW by power iteration (an upper estimate, +2 %)."""
+        n = self.weights.shape[0]
+        v = torch.ones((n, 1), dtype=self.weights.dtype, device=self.weights.device)
+        v = v + 0.1 * torch.sin(torch.arange(n, dtype=v.dtype, device=v.device))[:, None]
+        lam = 0.0
+        for _ in range(steps):
+            w = (self.mesh_points / n) * self._gather(self._spread(v))
+            lam = float(torch.linalg.norm(w) / torch.linalg.norm(v))
+            v = w / torch.linalg.norm(w)
+        return 1.02 * lam
 
     def __call__(self, r: torch.Tensor) -> torch.Tensor:
         n, c = r.shape
-        mesh = torch.zeros((self.mesh_points, c), dtype=r.dtype, device=r.device)
-        spread = (self.weights[:, :, None] * r[:, None, :]).reshape(-1, c)
-        mesh = mesh.index_add(0, self.index.reshape(-1), spread)
-        grid = mesh.T.reshape(c, *self.shape)
+        y = r * self.inv_sqrt_d[:, None]
+        grid = self._spread(y).T.reshape(c, *self.shape)
         filtered = torch.fft.rfftn(grid, dim=(1, 2, 3)) * self.filter
         smooth = torch.fft.irfftn(filtered, s=self.shape, dim=(1, 2, 3))
-        values = smooth.reshape(c, -1).T[self.index]  # [N, 8, C]
-        back = (values * self.weights[:, :, None]).sum(1)
-        return r / self.d[:, None] + (self.mesh_points / n) * back
+        back = self._gather(smooth.reshape(c, -1).T)
+        y = y + self.damping * (self.mesh_points / n) * back
+        return y * self.inv_sqrt_d[:, None]
 
 
 class ConstrainedSolver:
