@@ -31,6 +31,40 @@ def polarization_quantum(cell: torch.Tensor) -> torch.Tensor:
     return cell / cell_volume(cell).abs().view(-1, 1, 1)
 
 
+def _minimum_image(delta: torch.Tensor, basis: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
+    """``delta`` [G, 3] minus the integer combination of the periodic rows of ``basis``
+    [G, 3, 3] that makes it shortest (graphs without periodic rows are left as they are).
+    """
+    out = delta.clone()
+    for g in range(delta.shape[0]):
+        periodic = [k for k in range(3) if bool(pbc[g, k])]
+        if not periodic:
+            continue
+        rows = basis[g, periodic].detach()  # [m, 3]
+        # coefficients of delta in the periodic rows (least squares for m < 3)
+        coef = torch.linalg.lstsq(rows.T, delta[g].detach()[:, None]).solution[:, 0]
+        start = torch.round(coef)
+        best, best_norm = None, None
+        # rounding is the minimum image only for orthogonal cells; search the neighbours
+        for offset in itertools.product((-1.0, 0.0, 1.0), repeat=len(periodic)):
+            n = start + torch.tensor(offset, dtype=delta.dtype, device=delta.device)
+            cand = delta[g] - n @ rows
+            norm = float((cand.detach() ** 2).sum())
+            if best_norm is None or norm < best_norm:
+                best, best_norm = cand, norm
+        out[g] = best
+    return out
+
+
+def _check_shapes(delta: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+    if delta.dim() != 2 or delta.shape[-1] != 3:
+        raise ValueError(f"polarization differences must have shape [n_graphs, 3], got {tuple(delta.shape)}")
+    cell = cell.view(-1, 3, 3).to(delta.dtype)
+    if cell.shape[0] != delta.shape[0]:
+        raise ValueError(f"{delta.shape[0]} polarizations but {cell.shape[0]} cells")
+    return cell
+
+
 def polarization_minimum_image(
     delta: torch.Tensor, cell: torch.Tensor, pbc: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
@@ -46,34 +80,10 @@ def polarization_minimum_image(
         ``delta − Σ_k n_k e a_k/Ω`` with the integers n_k that make it shortest
         [n_graphs, 3]; differentiable in ``delta`` (the n_k are constants).
     """
-    if delta.dim() != 2 or delta.shape[-1] != 3:
-        raise ValueError(f"polarization differences must have shape [n_graphs, 3], got {tuple(delta.shape)}")
-    cell = cell.view(-1, 3, 3).to(delta.dtype)
-    if cell.shape[0] != delta.shape[0]:
-        raise ValueError(f"{delta.shape[0]} polarizations but {cell.shape[0]} cells")
+    cell = _check_shapes(delta, cell)
     if pbc is None:
         pbc = torch.ones((delta.shape[0], 3), dtype=torch.bool, device=delta.device)
-    pbc = pbc.view(-1, 3).to(torch.bool)
-    quantum = polarization_quantum(cell)  # [G, 3, 3]
-    out = delta.clone()
-    for g in range(delta.shape[0]):
-        periodic = [k for k in range(3) if bool(pbc[g, k])]
-        if not periodic:
-            continue
-        basis = quantum[g, periodic].detach()  # [m, 3]
-        # coefficients of delta in the quantum basis (least squares for m < 3)
-        coef = torch.linalg.lstsq(basis.T, delta[g].detach()[:, None]).solution[:, 0]
-        start = torch.round(coef)
-        best, best_norm = None, None
-        # rounding is the minimum image only for orthogonal cells; search the neighbours
-        for offset in itertools.product((-1.0, 0.0, 1.0), repeat=len(periodic)):
-            n = start + torch.tensor(offset, dtype=delta.dtype, device=delta.device)
-            cand = delta[g] - n @ basis
-            norm = float((cand.detach() ** 2).sum())
-            if best_norm is None or norm < best_norm:
-                best, best_norm = cand, norm
-        out[g] = best
-    return out
+    return _minimum_image(delta, polarization_quantum(cell), pbc.view(-1, 3).to(torch.bool))
 
 
 def dipole_minimum_image(
@@ -85,15 +95,10 @@ def dipole_minimum_image(
     lattice vector. Structures without periodic directions (or with a zero cell, as mace
     stores molecules) are returned unchanged.
     """
-    cell = cell.view(-1, 3, 3).to(delta.dtype)
-    if pbc is None:
-        pbc = cell.detach().abs().sum(-1) > 0
-    pbc = pbc.view(-1, 3).to(torch.bool) & (cell.detach().abs().sum(-1) > 0)
-    if not bool(pbc.any()):
-        return delta
-    volume = cell_volume(cell).abs().view(-1, 1)
-    safe = torch.where(volume > 0, volume, torch.ones_like(volume))
-    return polarization_minimum_image(delta / safe, cell, pbc) * safe
+    cell = _check_shapes(delta, cell)
+    nonzero = cell.detach().abs().sum(-1) > 0
+    pbc = nonzero if pbc is None else pbc.view(-1, 3).to(torch.bool) & nonzero
+    return _minimum_image(delta, cell, pbc)
 
 
 def polarization_loss(

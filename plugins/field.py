@@ -113,7 +113,13 @@ class FieldBlock(LongRangeBlock):
         # radial weights of each neighbour element: [n_elements] -> [K, num_basis]
         self.radial = torch.nn.Linear(n_elements, self.num_vectors * self.num_basis, bias=False)
         torch.nn.init.normal_(self.radial.weight, std=1.0 / math.sqrt(self.num_basis))
-        self.vector_mix = torch.nn.Linear(max(self.num_feature_vectors, 1), self.num_vectors, bias=False)
+        # mixes the base model's 1o channels into the K vectors; a base without 1o features
+        # gets no (dead) mixing parameters
+        self.vector_mix: torch.nn.Module = (
+            torch.nn.Linear(self.num_feature_vectors, self.num_vectors, bias=False)
+            if self.num_feature_vectors > 0
+            else torch.nn.Identity()
+        )
         # coefficients c_ikn and a_i from the invariant features; the last layer starts at zero
         self.coefficients = torch.nn.Sequential(
             torch.nn.Linear(len(scalars), hidden),

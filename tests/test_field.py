@@ -50,6 +50,11 @@ def test_field_block_contract():
     run_block_contract("field")
 
 
+def test_field_block_contract_on_a_base_without_vector_features():
+    # no 1o channels to mix: the block must not carry parameters that never train
+    run_block_contract("field", base=make_test_model(hidden_irreps="8x0e"))
+
+
 @pytest.mark.parametrize("kind", ["periodic", "open", "slab"])
 def test_identity_at_init_at_finite_field(base, kind):
     model = augment(base, "field")

@@ -253,8 +253,8 @@ class SpectralPreconditioner:
         pos, cell = operator.positions, operator.cell
         n = pos.shape[0]
         dtype, device = pos.dtype, pos.device
-        self.d = operator.diagonal
-        self.inv_sqrt_d = 1.0 / torch.sqrt(self.d)
+        d = operator.diagonal
+        self.inv_sqrt_d = 1.0 / torch.sqrt(d)
         volume = float(torch.abs(torch.linalg.det(cell)))
         spacing = (volume / n) ** (1.0 / 3.0)
         lengths = torch.linalg.norm(cell, dim=1)
@@ -285,7 +285,7 @@ class SpectralPreconditioner:
         kvec = 2.0 * math.pi * grid @ torch.linalg.inv(cell).T
         k2 = (kvec**2).sum(-1)
         width2 = 2.0 * float((operator.widths**2).mean())
-        dbar = float(self.d.mean())
+        dbar = float(d.mean())
         rho = n / volume
         safe = torch.where(k2 > 0, k2, torch.ones_like(k2))
         coulomb = 4.0 * math.pi * COULOMB_CONSTANT * torch.exp(-0.5 * width2 * safe) / safe
