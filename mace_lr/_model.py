@@ -38,6 +38,11 @@ class LongRangeMACE(torch.nn.Module):
         self.register_buffer(
             "_z_table", torch.tensor(adapter.base_atomic_numbers(base), dtype=torch.int64), persistent=False
         )
+        #: field responses computed in every call on top of the ``compute_*`` flags
+        #: (``"dipole"``, ``"born_effective_charges"``, ``"polarizability"``). Set by
+        #: ``mace_lr_run_train`` while a loss needs them (mace's training loop cannot pass
+        #: the flags); not saved with the model.
+        self.training_responses = ()  # tuple of str (no annotation: mace tries to script the model)
 
     # mace's training and evaluation code reads these off the model: same types as MACE
     @property
@@ -111,6 +116,10 @@ class LongRangeMACE(torch.nn.Module):
             named ``<block>_<key>``.
         """
         data = dict(data)
+        extra = self.__dict__.get("training_responses", ())
+        compute_dipole = compute_dipole or "dipole" in extra
+        compute_born_charges = compute_born_charges or "born_effective_charges" in extra
+        compute_polarizability = compute_polarizability or "polarizability" in extra
         batch = data["batch"]
         num_graphs = int(data["ptr"].numel() - 1)
         positions = data["positions"]

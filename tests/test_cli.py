@@ -1,4 +1,4 @@
-"""mace_lr_run_train / mace_lr_eval_configs: flags, preflight errors, a short fine-tune."""
+"""mace_lr_run_train / mace_lr_eval_configs: flags, preflight errors, short fine-tunes, response losses."""
 
 import glob
 import subprocess
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from ase import Atoms
+from ase.build import bulk
 
 import mace_lr
 from mace_lr import testing as T
@@ -241,7 +242,209 @@ def test_finetune_restart_and_reload(workdir):
         ]
     )
     out = ase.io.read(workdir / "out.xyz", index=":")
-    assert len(out) == len(frames) + 9 or len(out) > 0
+    assert len(out) == len(ase.io.read(workdir / "train.xyz", index=":"))
     assert "MACE_charges" in out[0].arrays and "MACE_lr_energy" in out[0].info
     assert out[0].arrays["MACE_born_effective_charges"].shape == (4, 9)
     assert abs(out[0].info["MACE_energy"] - float(a["energy"][0])) < 1e-8
+
+
+# ---------------------------------------------------------------- field-response targets
+def _field_frames(teacher, n=12, seed=0):
+    """Open NaCl clusters in random fields, labelled by ``teacher`` (U, F, μ, Z, α)."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    while len(frames) < n:
+        at = Atoms(numbers=[11, 17, 11, 17], positions=rng.normal(scale=1.8, size=(4, 3)))
+        d = at.get_all_distances()
+        np.fill_diagonal(d, 9.0)
+        if d.min() < 2.0:
+            continue
+        field = rng.normal(size=3)
+        at.info["external_field"] = 0.3 * field / np.linalg.norm(field)
+        out = T.evaluate(teacher, [at], compute_born_charges=True, compute_polarizability=True)
+        at.info["REF_energy"] = float(out["energy"][0])
+        at.arrays["REF_forces"] = out["forces"].numpy()
+        at.info["REF_dipole"] = out["dipole"][0].numpy()
+        at.arrays["REF_born_charges"] = out["born_effective_charges"].numpy().reshape(4, 9)
+        at.info["REF_polarizability"] = out["polarizability"][0].numpy().reshape(9)
+        frames.append(at)
+    return frames
+
+
+@pytest.fixture(scope="module")
+def fieldwork(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli_field")
+    # the same teacher whatever ran before: fixed seed and default dtype for the block's initial weights
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        teacher = T.perturb_blocks(mace_lr.augment(T.make_test_model(seed=0), "field"), scale=0.5)
+    finally:
+        torch.set_default_dtype(previous)
+    ase.io.write(d / "train.xyz", _field_frames(teacher), format="extxyz")
+    torch.save(T.make_test_model(seed=0), d / "found.model")
+    return d, teacher
+
+
+def _field_args(d, name, epochs, extra=()):
+    argv = _args(d, name, epochs, extra)
+    argv[argv.index("les")] = "field"
+    argv[argv.index('{"smearing": 1.1}')] = '{"num_vectors": 4}'
+    return argv
+
+
+def test_help_lists_response_flags():
+    text = cli.build_parser().format_help()
+    for flag in (
+        "--external_field_key",
+        "--born_charges_key",
+        "--born_charges_weight",
+        "--polarization_key",
+        "--polarization_weight",
+        "--polarizability_key",
+        "--polarizability_weight",
+    ):
+        assert flag in text
+
+
+def test_response_targets_are_checked_at_start(fieldwork, capsys, tmp_path):
+    d, _ = fieldwork
+    frames = ase.io.read(d / "train.xyz", index=":")
+    _fails_with(
+        _field_args(d, "bad", 1, ["--born_charges_key", "Z_missing", "--born_charges_weight", "1"]),
+        capsys,
+        "lack the key 'Z_missing'",
+    )
+    for atoms in frames:
+        atoms.arrays["Z3"] = atoms.arrays["REF_born_charges"][:, :3]
+        atoms.info["bad_field"] = np.ones(2)
+    ase.io.write(tmp_path / "bad.xyz", frames, format="extxyz")
+    argv = _field_args(d, "bad", 1, ["--born_charges_key", "Z3", "--born_charges_weight", "1"])
+    argv[argv.index(str(d / "train.xyz"))] = str(tmp_path / "bad.xyz")
+    _fails_with(argv, capsys, "must hold 9 values per atom")
+    argv = _field_args(d, "bad", 1, ["--external_field_key", "bad_field"])
+    argv[argv.index(str(d / "train.xyz"))] = str(tmp_path / "bad.xyz")
+    _fails_with(argv, capsys, "must be a 3-vector in V/Å")
+    # molecules have no polarization: the dipole is their target
+    _fails_with(
+        _field_args(d, "bad", 1, ["--polarization_key", "REF_dipole", "--polarization_weight", "1"]),
+        capsys,
+        "is not periodic, so it has no polarization",
+    )
+
+
+def test_data_pipeline_carries_field_and_born_charges(fieldwork):
+    """Inside a run, mace's own data loading puts E and Z of every structure in the batch."""
+    from mace import data as mace_data
+    from mace.cli import run_train as rt
+    from mace.tools import AtomicNumberTable, torch_geometric
+
+    d, _ = fieldwork
+    frames = ase.io.read(d / "train.xyz", index=":")
+    args = cli.build_parser().parse_args(_field_args(d, "x", 1))
+    weights = {"born_charges": 1.0, "polarization": 1.0}
+    keys = {"external_field": "external_field", "born_charges": "REF_born_charges", "polarization": "P"}
+    for atoms in frames:
+        atoms.info["P"] = np.arange(3.0) * 0.01 + len(atoms)
+    with cli._hooks({}, None, weights, keys, seed=1):
+        keyspec = rt.update_keyspec_from_kwargs(mace_data.KeySpecification(), vars(args))
+        configs = [mace_data.config_from_atoms(a, key_specification=keyspec) for a in frames]
+        graphs = [
+            mace_data.AtomicData.from_config(c, z_table=AtomicNumberTable([11, 17]), cutoff=4.0)
+            for c in configs
+        ]
+    batch = next(iter(torch_geometric.dataloader.DataLoader(graphs, batch_size=len(graphs))))
+    field = np.array([a.info["external_field"] for a in frames])
+    z = np.concatenate([a.arrays["REF_born_charges"] for a in frames]).reshape(-1, 3, 3)
+    assert np.allclose(batch["external_field"].numpy(), field, atol=1e-12)
+    assert batch["born_charges"].shape == (len(z), 3, 3)
+    assert np.allclose(batch["born_charges"].numpy(), z, atol=1e-12)
+    assert np.allclose(batch["polarization"].numpy(), [a.info["P"] for a in frames], atol=1e-12)
+    # outside a run mace's key specification is untouched
+    plain = rt.update_keyspec_from_kwargs(mace_data.KeySpecification(), vars(args))
+    assert "born_charges" not in plain.arrays_keys and "external_field" not in plain.info_keys
+
+
+def _z_alpha_errors(model, frames):
+    out = T.evaluate(model.eval(), frames, compute_born_charges=True, compute_polarizability=True)
+    z_ref = np.concatenate([a.arrays["REF_born_charges"] for a in frames]).reshape(-1, 3, 3)
+    a_ref = np.array([a.info["REF_polarizability"].reshape(3, 3) for a in frames])
+    z_err = np.sqrt(np.mean((out["born_effective_charges"].numpy() - z_ref) ** 2))
+    a_err = np.sqrt(np.mean((out["polarizability"].numpy() - a_ref) ** 2))
+    return z_err, a_err
+
+
+def test_finetune_on_born_charges_and_polarizability(fieldwork):
+    """A field block fine-tuned on Z and α through the CLI moves towards the teacher's Z and α."""
+    d, _ = fieldwork
+    frames = ase.io.read(d / "train.xyz", index=":")
+    extra = [
+        "--born_charges_weight", "100", "--polarizability_key", "REF_polarizability",
+        "--polarizability_weight", "1000", "--dipole_key", "REF_dipole", "--dipole_weight", "10",
+        "--energy_weight", "0.01", "--forces_weight", "0.01",
+    ]  # fmt: skip
+    start = mace_lr.augment(torch.load(d / "found.model", weights_only=False), {"field": {"num_vectors": 4}})
+    z0, a0 = _z_alpha_errors(start, frames)
+    assert z0 > 0.05 and a0 > 1e-3  # the teacher's response is far from zero
+    cli.main(_field_args(d, "resp", 10, extra))
+    model = mace_lr.load(d / "resp.model")
+    assert model.training_responses == ()  # plain MD with the saved model pays nothing
+    z1, a1 = _z_alpha_errors(model, frames)
+    assert z1 < 0.5 * z0, (z0, z1)
+    assert a1 < 0.5 * a0, (a0, a1)
+
+    # eval_configs evaluates each structure in its own field and writes Z and α
+    from mace_lr.cli import eval_configs
+
+    eval_configs.main(
+        ["--configs", str(d / "train.xyz"), "--model", str(d / "resp.model"), "--output",
+         str(d / "resp_out.xyz"), "--compute_bec", "--compute_polarizability"]
+    )  # fmt: skip
+    out = ase.io.read(d / "resp_out.xyz", index=":")
+    direct = T.evaluate(model, frames[:2], compute_born_charges=True, compute_polarizability=True)
+    # extxyz stores 8 decimals
+    assert np.allclose(
+        out[1].info["MACE_polarizability"], direct["polarizability"][1].numpy().ravel(), atol=1e-7
+    )
+    assert np.allclose(
+        out[0].arrays["MACE_born_effective_charges"],
+        direct["born_effective_charges"][:4].numpy().reshape(4, 9),
+        atol=1e-7,
+    )
+    # in its own field: a different field gives a different α (order-3 block)
+    zero = [a.copy() for a in frames]
+    for a in zero:
+        a.info["external_field"] = np.zeros(3)
+    at_zero = T.evaluate(model, zero, compute_polarizability=True)["polarizability"].numpy().reshape(-1, 9)
+    written = np.array([a.info["MACE_polarizability"] for a in out])
+    assert np.abs(at_zero - written).max() > 1e-4
+
+
+def _periodic_batch(structures):
+    return {
+        "cell": torch.tensor(np.concatenate([np.asarray(a.cell) for a in structures])),
+        "pbc": torch.tensor(np.array([a.pbc for a in structures])),
+    }
+
+
+def test_polarization_loss_is_blind_to_branch_and_sees_errors():
+    class Zero(torch.nn.Module):
+        def forward(self, ref, pred):
+            return torch.zeros((), dtype=torch.float64)
+
+    cells = [bulk("NaCl", "rocksalt", a=5.6), bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 1, 1)]
+    volumes = torch.tensor([a.get_volume() for a in cells])
+    loss_fn = cli.LongRangeLoss(Zero(), polarization_weight=2.0)
+    p_ref = torch.tensor([[0.01, -0.02, 0.005], [0.0, 0.03, -0.01]], dtype=torch.float64)
+    p_pred = p_ref + torch.tensor([[0.002, 0.0, -0.001], [0.001, 0.001, 0.0]], dtype=torch.float64)
+    batch = {**_periodic_batch(cells), "polarization": p_ref}
+    pred = {"dipole": p_pred * volumes[:, None]}
+    value = float(loss_fn(batch, pred))
+    assert abs(value - 2.0 * float(((p_pred - p_ref) ** 2).sum(-1).mean())) < 1e-15
+    # the reference on another branch: P + e·(n_k a_k)/Ω
+    shifted = p_ref.clone()
+    shifted[0] += torch.tensor(cells[0].cell[1] - 3 * cells[0].cell[2]) / volumes[0]
+    shifted[1] += torch.tensor(cells[1].cell[0]) / volumes[1]
+    assert abs(float(loss_fn({**batch, "polarization": shifted}, pred)) - value) < 1e-12
+    assert float(((p_pred - shifted) ** 2).sum(-1).mean()) > 100 * value  # a plain loss would not be

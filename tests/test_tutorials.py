@@ -67,3 +67,35 @@ def test_main_job_fast(tmp_path):
 
     model = mace_lr.load(out_dir / "dimers_les.model")  # safe format, readable without pickle
     assert float(model.blocks["les"].coupling.detach()) != 0.0
+
+
+def test_field_response_fast(tmp_path):
+    """Tutorial 3: field fine-tune through the CLI, held-out μ, Z, α from ASE, finite-field MD."""
+    out_dir = tmp_path / "field"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, str(TUTORIALS / "03_field_response.py"), "--fast", "--out", str(out_dir)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode == 0, f"tutorial failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    rows = {}
+    for line in (out_dir / "summary.txt").read_text().splitlines():
+        for name in ("μ (e·Å)", "Z (e)", "α (e·Å²/V)"):
+            if line.startswith(name):
+                spread, base, tuned, _ = (float(x) for x in line[len(name) :].split())
+                rows[name] = (spread, base, tuned)
+        if line.startswith("NVE"):
+            md = line
+    assert set(rows) == {"μ (e·Å)", "Z (e)", "α (e·Å²/V)"}
+    for name, (spread, base, tuned) in rows.items():
+        # even two epochs learn the response: well below the base (which has none) and the spread
+        assert tuned < 0.5 * base and tuned < 0.5 * spread, (name, rows[name])
+    drift = float(md.split("total-energy drift ")[1].split(" meV")[0])
+    sum_z = float(md.split("max |Σ_i Z_i| ")[1].split(" e")[0])
+    assert drift < 1.0 and sum_z < 1e-6, md
+    assert (out_dir / "parity.png").stat().st_size > 10_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["field"], "files written outside --out"

@@ -3,7 +3,9 @@
 Like mace's ``mace_eval_configs``: writes ``{prefix}energy``, ``{prefix}forces``,
 ``{prefix}stress`` (periodic) and, from the long-range blocks, ``{prefix}charges``,
 ``{prefix}lr_energy``, ``{prefix}dipole``, ``{prefix}polarization`` (periodic) and, with
-``--compute_bec``, ``{prefix}born_effective_charges`` (flattened [N, 9]).
+``--compute_bec``, ``{prefix}born_effective_charges`` (flattened [N, 9]) and with
+``--compute_polarizability``, ``{prefix}polarizability`` (flattened 9, e·Å²/V). Each structure
+is evaluated in its own ``atoms.info["external_field"]`` (V/Å), if any.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--default_dtype", default="float64", choices=["float32", "float64"])
     parser.add_argument("--info_prefix", default="MACE_", help="prefix of the written keys")
     parser.add_argument("--compute_bec", action="store_true", help="also write Born effective charges")
+    parser.add_argument(
+        "--compute_polarizability", action="store_true", help="also write polarizabilities -d2U/dE2"
+    )
     parser.add_argument(
         "--allow_pickle", action="store_true", help="accept pickled model files (trusted only)"
     )
@@ -51,6 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         atoms = atoms.copy()
         atoms.calc = None
         props = ["energy", "forces"] + (["born_effective_charges"] if args.compute_bec else [])
+        props += ["polarizability"] if args.compute_polarizability else []
         calc.calculate(atoms, props, ["positions", "numbers", "cell", "pbc"])
         res = calc.results
         atoms.info[f"{p}energy"] = res["energy"]
@@ -67,6 +73,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             atoms.info[f"{p}polarization"] = res["polarization"]
         if args.compute_bec:
             atoms.arrays[f"{p}born_effective_charges"] = res["born_effective_charges"].reshape(len(atoms), 9)
+        if args.compute_polarizability:
+            atoms.info[f"{p}polarizability"] = np.asarray(res["polarizability"]).reshape(9)
         out.append(atoms)
     ase.io.write(args.output, out, format="extxyz")
     logging.info("wrote %d configurations to %s", len(out), args.output)

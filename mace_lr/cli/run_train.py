@@ -9,8 +9,10 @@ mace-lr adds ``--lr_blocks`` and ``--lr_config`` and hooks three places of mace'
   blocks and their weights are carried over;
 * parameter groups: every block parameter is added to the optimiser (mace's groups only
   know its own modules — a silent trap upstream);
-* the loss: a dipole term from the blocks' dipoles when ``--dipole_key``/``--dipole_weight``
-  is given.
+* the data and the loss: the applied field (``--external_field_key``) reaches the model,
+  and terms on dipoles, Born effective charges, polarizabilities and polarizations (modulo
+  the polarization quantum) are added when their key or weight is given; the training
+  forward pass then computes those field responses by autograd.
 
 At the end the ``.model`` files mace wrote are rewritten in mace-lr's safe format, which
 ``mace_lr.load`` and ``MACELRCalculator`` read.
@@ -31,7 +33,8 @@ from unittest import mock
 import mace  # noqa: F401  (before e3nn)
 import torch
 
-from mace_lr.response import dipole_minimum_image
+from mace_lr.electrostatics._kernels import cell_volume
+from mace_lr.response import dipole_minimum_image, polarization_loss
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +60,48 @@ def build_parser() -> argparse.ArgumentParser:
         "with one block a flat {option: value} mapping is accepted",
     )
     group.add_argument(
+        "--external_field_key",
+        type=str,
+        default="external_field",
+        help="atoms.info key of the applied field (3-vector, V/Å); structures without it are at zero field",
+    )
+    group.add_argument(
+        "--born_charges_key",
+        type=str,
+        default="REF_born_charges",
+        help="atoms.arrays key of Born effective charges Z[i,a,b] = dF_ib/dE_a = dmu_a/dR_ib (e), "
+        "9 columns per atom, row-major",
+    )
+    group.add_argument(
+        "--born_charges_weight",
+        type=float,
+        default=0.0,
+        help="weight of the Born effective charge loss (mean squared error per component, e^2)",
+    )
+    group.add_argument(
+        "--polarization_key",
+        type=str,
+        default="REF_polarization",
+        help="atoms.info key of the polarization of periodic structures (3-vector, e/Å^2), on any branch",
+    )
+    group.add_argument(
+        "--polarization_weight",
+        type=float,
+        default=0.0,
+        help="weight of the polarization loss, compared modulo the quantum e*a_k/Omega along each "
+        "periodic lattice vector (minimum image); (e/Å^2)^-2",
+    )
+    group.add_argument(
         "--lr_charges_weight",
         type=float,
         default=0.0,
         help="weight of a loss on REF_charges (--charges_key); only for blocks whose charges are "
         "physical observables (never LES latent charges)",
+    )
+    parser.epilog = (
+        "mace-lr reads mace's --dipole_key/--dipole_weight and --polarizability_key/"
+        "--polarizability_weight as losses on the model's dipole (e·Å; periodic cells modulo e·a_k) "
+        "and polarizability -d2U/dE2 (e·Å²/V, 9 values per structure) when either flag of a pair is given."
     )
     return parser
 
@@ -110,10 +150,7 @@ def _read_foundation(path: str):
         return None
 
 
-def _data_keys_and_elements(path: str, info_keys: Sequence[str]) -> Dict[str, Any]:
-    import ase.io
-
-    frames = ase.io.read(path, index=":")
+def _data_keys_and_elements(frames: Sequence[Any], info_keys: Sequence[str]) -> Dict[str, Any]:
     elements = sorted({int(z) for atoms in frames for z in atoms.numbers})
     missing = {
         key: sum(1 for atoms in frames if key not in atoms.info and key not in atoms.arrays)
@@ -147,12 +184,20 @@ def preflight(
                 required.append(args.total_spin_key)
             else:
                 required.append(key)
-    if _dipole_requested(argv):
-        required.append(args.dipole_key)
-    if args.lr_charges_weight > 0:
-        required.append(args.charges_key)
+    weights = loss_weights(args, argv)
+    targets = {
+        "dipole": args.dipole_key,
+        "polarizability": args.polarizability_key,
+        "born_charges": args.born_charges_key,
+        "polarization": args.polarization_key,
+        "charges": args.charges_key,
+    }
+    required += [targets[name] for name, weight in weights.items() if weight > 0]
     if args.train_file and os.path.isfile(args.train_file) and args.train_file.endswith((".xyz", ".extxyz")):
-        info = _data_keys_and_elements(args.train_file, required)
+        import ase.io
+
+        frames = ase.io.read(args.train_file, index=":")
+        info = _data_keys_and_elements(frames, required)
         for key, count in info["missing"].items():
             if count:
                 hint = ""
@@ -165,6 +210,14 @@ def preflight(
                     f"{count} of {info['n']} structures in {args.train_file} lack the key {key!r}{hint}, "
                     "which the requested blocks/losses need"
                 )
+        _check_target_shapes(frames, args.train_file, args, weights)
+        if "field" in specs and not any(args.external_field_key in a.info for a in frames):
+            logger.warning(
+                "block 'field' requested but no structure of %s has atoms.info[%r]: every structure "
+                "is at zero field, so only response losses can train the field coupling",
+                args.train_file,
+                args.external_field_key,
+            )
         if args.foundation_model is not None:
             fz = _foundation_elements(args, foundation)
             if fz is not None:
@@ -178,6 +231,43 @@ def preflight(
                     )
 
 
+def _check_target_shapes(
+    frames: Sequence[Any], path: str, args: argparse.Namespace, weights: Dict[str, float]
+) -> None:
+    """Response targets must have the documented shapes; polarizations need periodic cells."""
+    import numpy as np
+
+    for index, atoms in enumerate(frames):
+        if weights["born_charges"] > 0:
+            z = np.asarray(atoms.arrays[args.born_charges_key])
+            if z.reshape(len(atoms), -1).shape[1] != 9:
+                raise ValueError(
+                    f"structure {index} of {path}: atoms.arrays[{args.born_charges_key!r}] must hold 9 "
+                    f"values per atom (Z[i, a, b] row-major), got shape {z.shape}"
+                )
+        if weights["polarizability"] > 0 and np.size(atoms.info[args.polarizability_key]) != 9:
+            raise ValueError(
+                f"structure {index} of {path}: atoms.info[{args.polarizability_key!r}] must hold 9 values "
+                f"(a 3x3 polarizability, e·Å²/V), got {np.size(atoms.info[args.polarizability_key])}"
+            )
+        if weights["polarization"] > 0:
+            if np.size(atoms.info[args.polarization_key]) != 3:
+                raise ValueError(
+                    f"structure {index} of {path}: atoms.info[{args.polarization_key!r}] must be a "
+                    "3-vector (e/Å²)"
+                )
+            if not atoms.pbc.any() or atoms.get_volume() <= 0:
+                raise ValueError(
+                    f"structure {index} of {path} is not periodic, so it has no polarization; "
+                    "train molecules on --dipole_key instead"
+                )
+        if args.external_field_key in atoms.info and np.size(atoms.info[args.external_field_key]) != 3:
+            raise ValueError(
+                f"structure {index} of {path}: atoms.info[{args.external_field_key!r}] must be a "
+                "3-vector in V/Å"
+            )
+
+
 def _foundation_elements(args, foundation) -> Optional[List[int]]:
     if foundation is not None:
         return [int(z) for z in foundation.atomic_numbers.tolist()]
@@ -187,8 +277,40 @@ def _foundation_elements(args, foundation) -> Optional[List[int]]:
     return None  # named foundation models are resolved (and checked) by mace itself
 
 
-def _dipole_requested(argv: Sequence[str]) -> bool:
-    return any(a.split("=")[0] in ("--dipole_key", "--dipole_weight") for a in argv)
+def _flag_given(args: argparse.Namespace, argv: Sequence[str], names: Sequence[str]) -> bool:
+    """Whether any of ``names`` was set on the command line or in the ``--config`` file."""
+    if any(a.split("=")[0] in names for a in argv):
+        return True
+    config = getattr(args, "config", None)
+    if config and os.path.isfile(config):
+        import yaml
+
+        with open(config, encoding="utf-8") as fh:
+            options = yaml.safe_load(fh) or {}
+        return isinstance(options, dict) and any(n.lstrip("-") in options for n in names)
+    return False
+
+
+def loss_weights(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, float]:
+    """Weights of the long-range loss terms a run asked for (0: off).
+
+    mace's own ``--dipole_*`` and ``--polarizability_*`` flags (whose weights default to 1)
+    switch their term on when either flag of the pair is given; the mace-lr weights
+    default to 0.
+    """
+    dipole = _flag_given(args, argv, ("--dipole_key", "--dipole_weight"))
+    polarizability = _flag_given(args, argv, ("--polarizability_key", "--polarizability_weight"))
+    return {
+        "dipole": float(args.dipole_weight) if dipole else 0.0,
+        "polarizability": float(args.polarizability_weight) if polarizability else 0.0,
+        "born_charges": float(args.born_charges_weight),
+        "polarization": float(args.polarization_weight),
+        "charges": float(args.lr_charges_weight),
+    }
+
+
+#: loss term → model output the training forward must compute
+_RESPONSES = {"born_charges": "born_effective_charges", "polarizability": "polarizability"}
 
 
 def _batch_value(batch: Any, key: str) -> Optional[torch.Tensor]:
@@ -199,21 +321,50 @@ def _batch_value(batch: Any, key: str) -> Optional[torch.Tensor]:
 
 
 class LongRangeLoss(torch.nn.Module):
-    r"""mace's loss plus optional dipole and charge terms on the blocks' outputs.
+    r"""mace's loss plus terms on the long-range blocks' outputs and the field responses.
 
     .. math:: L = L_\mathrm{mace} + w_\mu \langle|\mu - \mu_\mathrm{ref}|^2\rangle
+              + w_Z \langle (Z_{i,ab} - Z_{i,ab}^\mathrm{ref})^2 \rangle
+              + w_\alpha \langle (\alpha_{ab} - \alpha_{ab}^\mathrm{ref})^2 \rangle
+              + w_P \langle |P - P_\mathrm{ref}|^2_\mathrm{min.\ image} \rangle
               + w_q \langle (q_i - q_{i,\mathrm{ref}})^2 \rangle
 
-    For periodic structures the dipole (Ω P, e·Å) is compared at the minimum image modulo
-    e·a_k along each periodic lattice vector (:func:`mace_lr.response.dipole_minimum_image`),
-    so a reference on another polarization branch costs nothing.
+    Averages run over components (dipole, Z, α) or structures (P). For periodic structures
+    the dipole (Ω P, e·Å) is compared at the minimum image modulo e·a_k along each periodic
+    lattice vector (:func:`mace_lr.response.dipole_minimum_image`), and the polarization
+    μ/Ω (e/Å²) modulo e·a_k/Ω (:func:`mace_lr.response.polarization_loss`), so a reference
+    on another polarization branch costs nothing. Z (e) and α (e·Å²/V) are the model's
+    ``born_effective_charges`` and ``polarizability`` (second derivatives of its energy).
+
+    Args:
+        base_loss: mace's loss module.
+        dipole_weight, charges_weight, born_charges_weight, polarizability_weight,
+            polarization_weight: weights of the terms (0: off).
     """
 
-    def __init__(self, base_loss: torch.nn.Module, dipole_weight: float = 0.0, charges_weight: float = 0.0):
+    def __init__(
+        self,
+        base_loss: torch.nn.Module,
+        dipole_weight: float = 0.0,
+        charges_weight: float = 0.0,
+        born_charges_weight: float = 0.0,
+        polarizability_weight: float = 0.0,
+        polarization_weight: float = 0.0,
+    ):
         super().__init__()
         self.base_loss = base_loss
         self.dipole_weight = float(dipole_weight)
         self.charges_weight = float(charges_weight)
+        self.born_charges_weight = float(born_charges_weight)
+        self.polarizability_weight = float(polarizability_weight)
+        self.polarization_weight = float(polarization_weight)
+
+    @staticmethod
+    def _predicted(pred, key: str, term: str) -> torch.Tensor:
+        value = pred.get(key)
+        if value is None:
+            raise RuntimeError(f"a {term} loss was requested but the model returned no {key!r}")
+        return value
 
     def forward(self, ref, pred, ddp: Optional[bool] = None) -> torch.Tensor:
         loss = (
@@ -221,22 +372,46 @@ class LongRangeLoss(torch.nn.Module):
             if ddp is not None
             else self.base_loss(ref=ref, pred=pred)
         )
+        cell = ref["cell"].view(-1, 3, 3)
+        pbc = _batch_value(ref, "pbc")
         if self.dipole_weight > 0:
-            if pred.get("dipole") is None:
-                raise RuntimeError("a dipole loss was requested but no block of this model predicts a dipole")
-            delta = pred["dipole"] - ref["dipole"].view(-1, 3)
+            dipole = self._predicted(pred, "dipole", "dipole")
+            delta = dipole - ref["dipole"].view(-1, 3)
             # a periodic cell's dipole (Ω P) is defined modulo e·a_k: compare at the minimum image
-            delta = dipole_minimum_image(delta, ref["cell"], _batch_value(ref, "pbc"))
+            delta = dipole_minimum_image(delta, cell, pbc)
             loss = loss + self.dipole_weight * torch.mean(delta**2)
+        if self.born_charges_weight > 0:
+            z = self._predicted(pred, "born_effective_charges", "Born-charge")
+            loss = loss + self.born_charges_weight * torch.mean((z - ref["born_charges"].view(-1, 3, 3)) ** 2)
+        if self.polarizability_weight > 0:
+            alpha = self._predicted(pred, "polarizability", "polarizability")
+            delta = alpha - ref["polarizability"].view(-1, 3, 3)
+            loss = loss + self.polarizability_weight * torch.mean(delta**2)
+        if self.polarization_weight > 0:
+            dipole = self._predicted(pred, "dipole", "polarization")
+            volume = cell_volume(cell.to(dipole.dtype))
+            if bool((volume <= 0).any()):
+                raise RuntimeError("a polarization loss needs periodic cells with a volume")
+            p_pred = dipole / volume[:, None]
+            p_ref = ref["polarization"].view(-1, 3).to(dipole.dtype)
+            loss = loss + self.polarization_weight * polarization_loss(p_pred, p_ref, cell, pbc)
         if self.charges_weight > 0:
             loss = loss + self.charges_weight * torch.mean((pred["charges"] - ref["charges"]) ** 2)
         return loss
 
     def __repr__(self) -> str:
-        return (
-            f"LongRangeLoss({self.base_loss!r}, dipole_weight={self.dipole_weight}, "
-            f"charges_weight={self.charges_weight})"
+        terms = ", ".join(
+            f"{name}={getattr(self, name)}"
+            for name in (
+                "dipole_weight",
+                "charges_weight",
+                "born_charges_weight",
+                "polarizability_weight",
+                "polarization_weight",
+            )
+            if getattr(self, name) > 0
         )
+        return f"LongRangeLoss({self.base_loss!r}{', ' + terms if terms else ''})"
 
 
 class _EpochSeededLoader:
@@ -268,14 +443,54 @@ class _EpochSeededLoader:
 def _hooks(
     specs: Dict[str, Dict[str, Any]],
     carried: Optional[Dict[str, Any]],
-    dipole_weight: float,
-    charges_weight: float,
+    weights: Dict[str, float],
+    keys: Dict[str, str],
     seed: int,
 ):
-    """Patch mace's run_train module for the duration of one run."""
+    """Patch mace's run_train module for the duration of one run.
+
+    ``weights`` are the loss terms (:func:`loss_weights`); ``keys`` map ``external_field``,
+    ``born_charges`` and ``polarization`` to the data keys holding them.
+    """
     from mace.cli import run_train as rt
+    from mace.data.atomic_data import AtomicData
 
     from mace_lr import LongRangeMACE, augment
+
+    responses = tuple(_RESPONSES[name] for name in _RESPONSES if weights.get(name, 0.0) > 0)
+    if weights.get("polarization", 0.0) > 0:
+        responses += ("dipole",)  # the full −∂U/∂E, not the blocks' own dipoles
+
+    orig_keyspec = rt.update_keyspec_from_kwargs
+
+    def update_keyspec_from_kwargs(keyspec, keydict):
+        keyspec = orig_keyspec(keyspec, keydict)
+        info = {"external_field": keys["external_field"]}
+        if weights.get("polarization", 0.0) > 0:
+            info["polarization"] = keys["polarization"]
+        arrays = {"born_charges": keys["born_charges"]} if weights.get("born_charges", 0.0) > 0 else {}
+        return keyspec.update(info_keys=info, arrays_keys=arrays)
+
+    orig_from_config = AtomicData.from_config.__func__
+
+    def from_config(cls, config, *a, **k):
+        # mace passes extra properties through with their stored shapes (a 3-vector becomes
+        # [3, 1], which batches wrongly) and skips missing ones (batches of mixed structures
+        # would not collate): give the response targets batchable shapes, zeros where missing
+        data = orig_from_config(cls, config, *a, **k)
+        dtype = torch.get_default_dtype()
+        n = len(config.atomic_numbers)
+        if weights.get("born_charges", 0.0) > 0:
+            z = config.properties.get("born_charges")
+            data.born_charges = (
+                torch.zeros(n, 3, 3, dtype=dtype) if z is None else torch.tensor(z, dtype=dtype).view(n, 3, 3)
+            )
+        if weights.get("polarization", 0.0) > 0:
+            p = config.properties.get("polarization")
+            data.polarization = (
+                torch.zeros(1, 3, dtype=dtype) if p is None else torch.tensor(p, dtype=dtype).view(1, 3)
+            )
+        return data
 
     orig_configure = rt.configure_model
     orig_params = rt.get_params_options
@@ -293,6 +508,9 @@ def _hooks(
         new = {n: c for n, c in specs.items() if not (carried and n in carried)}
         if new:
             model = augment(model, new)
+        if responses:
+            model.training_responses = responses
+            logger.info("every training forward pass computes %s", ", ".join(responses))
         return model, output_args
 
     def get_params_options(args, model):
@@ -314,8 +532,15 @@ def _hooks(
 
     def get_loss_fn(*a, **k):
         base = orig_loss(*a, **k)
-        if dipole_weight > 0 or charges_weight > 0:
-            return LongRangeLoss(base, dipole_weight, charges_weight)
+        if any(w > 0 for w in weights.values()):
+            return LongRangeLoss(
+                base,
+                dipole_weight=weights.get("dipole", 0.0),
+                charges_weight=weights.get("charges", 0.0),
+                born_charges_weight=weights.get("born_charges", 0.0),
+                polarizability_weight=weights.get("polarizability", 0.0),
+                polarization_weight=weights.get("polarization", 0.0),
+            )
         return base
 
     loaded: Dict[str, int] = {}
@@ -344,6 +569,8 @@ def _hooks(
         (rt, "configure_model", configure_model),
         (rt, "get_params_options", get_params_options),
         (rt, "get_loss_fn", get_loss_fn),
+        (rt, "update_keyspec_from_kwargs", update_keyspec_from_kwargs),
+        (AtomicData, "from_config", classmethod(from_config)),
         (rt.tools, "train", train),
         (handler_cls, "load_latest", load_latest),
     ]
@@ -391,8 +618,12 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> List[str]:
         torch.save(foundation.base, base_path)
         args.foundation_model = base_path
         carried = dict(foundation.blocks.items())
-    dipole_weight = args.dipole_weight if _dipole_requested(argv) else 0.0
-    with _hooks(specs, carried, dipole_weight, args.lr_charges_weight, args.seed):
+    keys = {
+        "external_field": args.external_field_key,
+        "born_charges": args.born_charges_key,
+        "polarization": args.polarization_key,
+    }
+    with _hooks(specs, carried, loss_weights(args, argv), keys, args.seed):
         rt.run(args)
     return _convert_outputs(args)
 
