@@ -179,20 +179,14 @@ def test_finetune_restart_and_reload(workdir):
         restart_log = fh.read().split("VERIFYING SETTINGS")[-1]
     assert "resuming after the completed epoch 1 of the checkpoint" in restart_log
     assert "Epoch 2:" in restart_log and "Epoch 1:" not in restart_log
-    # ... with the same batches, so it ends where the uninterrupted run ends. Not bit for
-    # bit: predictions differ by ~3e-4 of what training changed (measured; model,
-    # optimiser, scheduler state and batch order are identical at the restart point;
-    # the cause is not found yet). Before the epoch/shuffle fixes the gap was ~0.2.
+    # ... with the same batches and gradient clipping, so it ends bit for bit where the
+    # uninterrupted run ends (the test base has trainable Bessel weights outside mace's
+    # optimiser groups; their stale, accumulating gradients used to shift the clipping)
+    for key, value in straight.items():
+        assert torch.equal(value, resumed[key]), key
     frames = ase.io.read(workdir / "train.xyz", index=":")
     m_straight = mace_lr.load(workdir / "straight.model")
     m_straight.load_state_dict(straight)
-    m_resumed = mace_lr.load(workdir / "straight.model")
-    m_resumed.load_state_dict(resumed)
-    e_s = T.evaluate(m_straight.eval(), frames)["energy"]
-    e_r = T.evaluate(m_resumed.eval(), frames)["energy"]
-    e_0 = T.evaluate(mace_lr.augment(T.make_test_model(seed=0), "les"), frames)["energy"]
-    assert float((e_s - e_r).abs().max()) < 1e-3 * float((e_s - e_0).abs().max())
-
     model = mace_lr.load(workdir / "straight.model")
     # every parameter of the base trained too (mace's generator-valued groups are kept)
     found = torch.load(workdir / "found.model", weights_only=False)

@@ -414,6 +414,24 @@ class LongRangeLoss(torch.nn.Module):
         return f"LongRangeLoss({self.base_loss!r}{', ' + terms if terms else ''})"
 
 
+def _freeze_outside(model: torch.nn.Module, in_optimizer: set) -> None:
+    """Stop gradients of trainable parameters that no optimiser group holds.
+
+    mace's groups leave some parameters out (e.g. trainable Bessel weights of the radial
+    basis). They are never updated, but mace zeroes only the optimiser's gradients, so
+    theirs accumulate over the whole run and enter ``clip_grad_norm_`` over all model
+    parameters: the clipping then depends on how many steps this process has run, and a
+    restart from a checkpoint diverges from the uninterrupted run at the first clipped step.
+    """
+    frozen = []
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in in_optimizer:
+            p.requires_grad_(False)
+            frozen.append(name)
+    if frozen:
+        logger.info("parameters outside every optimiser group get no gradient: %s", ", ".join(frozen))
+
+
 class _EpochSeededLoader:
     """Reseed the training loader's shuffling at every epoch from ``(seed, epoch)``.
 
@@ -515,7 +533,11 @@ def _hooks(
 
     def get_params_options(args, model):
         if not isinstance(model, LongRangeMACE):
-            return orig_params(args, model)
+            options = orig_params(args, model)
+            for group in options["params"]:
+                group["params"] = list(group["params"])
+            _freeze_outside(model, {id(p) for group in options["params"] for p in group["params"]})
+            return options
         options = orig_params(args, model.base)
         # mace passes some groups as generators (module.parameters()): materialise them
         # first, or collecting the ids below would exhaust them and leave those groups empty
@@ -528,6 +550,8 @@ def _hooks(
                 {"name": f"lr_{name}", "params": params, "weight_decay": 0.0, "lr": args.lr}
             )
             logger.info("optimiser group lr_%s: %d tensors", name, len(params))
+            seen.update(id(p) for p in params)
+        _freeze_outside(model, seen)
         return options
 
     def get_loss_fn(*a, **k):
