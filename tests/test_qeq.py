@@ -397,3 +397,41 @@ def test_spectral_preconditioner_is_positive_definite_for_a_wide_spread_of_hardn
         for pc in ("jacobi", "spectral")
     }
     assert float((out["jacobi"]["charges"] - out["spectral"]["charges"]).abs().max()) < 1e-6
+
+
+def _nacl_operator(cells, rattle=0.2, seed=0, base_smearing=1.4, accuracy=1e-4):
+    from mace_lr.electrostatics._qeq import GaussianCoulombOperator
+
+    atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True) * cells
+    atoms.rattle(rattle, seed=seed)
+    rng = np.random.default_rng(seed)
+    n = len(atoms)
+    return GaussianCoulombOperator(
+        torch.tensor(atoms.positions),
+        torch.tensor(np.asarray(atoms.cell)),
+        (True, True, True),
+        torch.tensor(rng.uniform(0.8, 1.7, n)),
+        torch.tensor(rng.uniform(0.5, 4.0, n)),
+        accuracy=accuracy,
+        base_smearing=base_smearing,
+    )
+
+
+@pytest.mark.parametrize("base_smearing", [0.0, 1.4])
+def test_cached_operator_is_the_engine_matrix(base_smearing):
+    """The precomputed P3M product used inside CG is the engine's operator, to rounding."""
+    op = _nacl_operator((4, 3, 3), base_smearing=base_smearing)  # 288 atoms: P3M, non-cubic mesh
+    frozen = op.detached()
+    assert frozen._cached is not None
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(op.positions.shape[0], 3, generator=gen, dtype=torch.float64)
+    q[:, 1] += 0.2  # a net-charged column: the background term
+    engine = op.matvec(q)
+    cached = frozen.matvec(q)
+    err = float((engine - cached).abs().max() / engine.abs().max())
+    assert err < 1e-10, err
+    # symmetric, and its autograd function returns A g (double backward too)
+    x = q[:, :1].clone().requires_grad_(True)
+    y = frozen.matvec(x)
+    (g,) = torch.autograd.grad((y * q[:, 2:3]).sum(), x, create_graph=True)
+    assert float((g - frozen.matvec(q[:, 2:3])).abs().max()) < 1e-10 * float(g.abs().max())

@@ -37,6 +37,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
+from ._cached import CachedOperator, cached_matvec
 from ._engine import _cached_parameters, _reciprocal_space, coulomb_potential_single
 from ._kernels import COULOMB_CONSTANT, short_range_kernel
 
@@ -108,15 +109,22 @@ class GaussianCoulombOperator:
         self.pairs = _pairs
         self._correction = self._pair_values()
         self._fast: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, object]] = None
+        self._cached: Optional[CachedOperator] = None
         if _frozen and self.pbc == (True, True, True) and n:
             self._fast = self._merged_real_space()
+            i, j, v, params = self._fast
+            if params.method == "p3m":
+                self._cached = CachedOperator(
+                    positions, cell, params, self.base_smearing, i, j, v, self.diagonal
+                )
 
     def _merged_real_space(self):
         """Real-space list for repeated products at fixed geometry (CG).
 
         One precomputed list holds both the Ewald real-space kernel and the width
-        correction, so no neighbour list is rebuilt per iteration; the k-space part is the
-        engine's.
+        correction, so no neighbour list is rebuilt per iteration. With P3M the k-space
+        part is precomputed too (:class:`~._cached.CachedOperator`); with Ewald (small
+        cells) it is the engine's.
         """
         n = self.positions.shape[0]
         s0 = self.base_smearing
@@ -153,6 +161,9 @@ class GaussianCoulombOperator:
         """``A q`` for charges [N] or [N, C] (differentiable in every input)."""
         squeeze = q.ndim == 1
         q2 = q[:, None] if squeeze else q
+        if self._cached is not None:
+            phi = cached_matvec(self._cached, q2)
+            return phi[:, 0] if squeeze else phi
         if self._fast is not None:
             i, j, v, params = self._fast
             phi = _reciprocal_space(self.positions, q2, self.cell, params, self.base_smearing)

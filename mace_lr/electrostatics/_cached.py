@@ -1,0 +1,155 @@
+r"""The QEq matrix at fixed geometry, with all that does not depend on the charges precomputed (private).
+
+A conjugate-gradient solve applies the same matrix tens of times. The engine's P3M
+potential recomputes the B-spline charge-assignment weights, the mesh indices and the
+influence function on every call, and the real-space part needs a neighbour list. Here
+all of that is built once per geometry, so a product is
+
+.. math:: A q = \big(D - k_e\,\tfrac{\sqrt{2/\pi}}{s}\big) q
+          + R\,q + W^\top \mathcal F^{-1}\big[G\,\mathcal F[W q]\big]
+          + b\,\mathbf 1 \textstyle\sum_i q_i,
+
+with ``W`` the sparse P3M assignment matrix (B-splines of order p on the engine's
+mesh), ``G`` the engine's influence function (the split-width Coulomb kernel
+``4π e^{-s²k²/2}/k²`` divided by the squared assignment transfer function, times
+``k_e/V``), ``R`` the sparse symmetric real-space matrix (the Ewald short-range kernel
+and the Gaussian-width pair correction, merged on one pair list) and ``b`` the uniform
+background term of a net charge. The self term ``k_e √(2/π)/s`` of the split Gaussian
+and the diagonal ``D`` are folded into one vector. It is the same matrix as
+:meth:`GaussianCoulombOperator.matvec` through the engine, to rounding (tested), and
+symmetric, so its autograd function returns ``A g`` for an incoming gradient ``g``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+
+from ._kernels import COULOMB_CONSTANT, EwaldParameters, cell_volume
+
+
+def _csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
+    """CSR matrix from COO triplets without duplicates (one sort, no coalescing)."""
+    order = torch.argsort(rows * shape[1] + cols)
+    counts = torch.bincount(rows, minlength=shape[0])
+    crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    with warnings.catch_warnings():
+        # "Sparse CSR tensor support is in beta state": products with dense matrices are
+        # all this module uses, and they are tested here
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support", category=UserWarning)
+        return torch.sparse_csr_tensor(crow, cols[order], values[order], shape, check_invariants=False)
+
+
+class CachedOperator:
+    """``A q`` for one fixed periodic geometry (no autograd in the inputs).
+
+    Args:
+        positions: [N, 3] Å (detached).
+        cell: [3, 3] Å (detached).
+        params: the engine's P3M parameters for this cell.
+        base_smearing: common width ``s0`` of the engine sum, Å.
+        pair_i, pair_j: half pair list [M].
+        pair_values: [M] real-space matrix elements, eV/e² (Ewald short range plus the
+            width correction).
+        diagonal: [N] ``J_i + k_e/(√π σ_i)``.
+    """
+
+    def __init__(
+        self,
+        positions: torch.Tensor,
+        cell: torch.Tensor,
+        params: EwaldParameters,
+        base_smearing: float,
+        pair_i: torch.Tensor,
+        pair_j: torch.Tensor,
+        pair_values: torch.Tensor,
+        diagonal: torch.Tensor,
+    ) -> None:
+        if params.method != "p3m":
+            raise ValueError("the cached operator is built for P3M parameters")
+        from torchpme.lib import generate_kvectors_for_mesh
+
+        from ._engine import _p3m_calculator
+
+        n = positions.shape[0]
+        dtype, device = positions.dtype, positions.device
+        self.n = n
+        rows = torch.cat([pair_i, pair_j])
+        cols = torch.cat([pair_j, pair_i])
+        self.real = _csr(rows, cols, torch.cat([pair_values, pair_values]), (n, n))
+        split = params.split
+        volume = float(cell_volume(cell))
+        # self term of the split Gaussian and the background of a net charge; the
+        # real-space kernel of charges of width s0 integrates to 2π s0² less than 1/r
+        self.diagonal = diagonal - COULOMB_CONSTANT * math.sqrt(2.0 / math.pi) / split
+        self.background = COULOMB_CONSTANT * 2.0 * math.pi * (base_smearing**2 - split**2) / volume
+
+        # the engine's mesh and B-spline weights, computed once
+        calc = _p3m_calculator(params, dtype, device)
+        ns = calc.mesh_shape(cell)
+        interp = calc.mesh_interpolator
+        interp.update(cell, ns)
+        interp.compute_weights(positions)
+        w = interp.interpolation_weights  # [p, N, 3]
+        weights = w[interp.x_shifts, :, 0] * w[interp.y_shifts, :, 1] * w[interp.z_shifts, :, 2]
+        nx, ny, nz = (int(v) for v in ns.tolist())
+        self.shape = (nx, ny, nz)
+        self.mesh_points = nx * ny * nz
+        flat = (interp.x_indices * ny + interp.y_indices) * nz + interp.z_indices  # [p³, N]
+        atoms = torch.arange(n, device=device).expand_as(flat)
+        # W is [mesh, N] (spreading), Wᵀ [N, mesh] (interpolation); both kept in CSR
+        self.spread = _csr(flat.reshape(-1), atoms.reshape(-1), weights.reshape(-1), (self.mesh_points, n))
+        self.gather = _csr(
+            atoms.T.reshape(-1), flat.T.reshape(-1), weights.T.reshape(-1), (n, self.mesh_points)
+        )
+
+        # influence function for point-charge P3M (as the engine): kernel / U²(k), with
+        # U the Fourier transform of the order-p assignment function on the mesh
+        kvec = generate_kvectors_for_mesh(cell, ns)
+        k2 = (kvec**2).sum(-1)
+        spacing = (torch.linalg.norm(cell, dim=1) / ns.to(dtype)).reshape(1, 1, 1, 3)
+        u2 = torch.prod(torch.sinc(kvec * spacing / (2.0 * math.pi)), dim=-1) ** (
+            2 * params.interpolation_nodes
+        )
+        safe_k2 = torch.where(k2 == 0, torch.ones_like(k2), k2)
+        kernel = torch.where(
+            k2 == 0, torch.zeros_like(k2), 4.0 * math.pi * torch.exp(-0.5 * split**2 * safe_k2) / safe_k2
+        )
+        safe_u2 = torch.where(u2 == 0, torch.ones_like(u2), u2)
+        influence = torch.where(u2 == 0, torch.zeros_like(u2), kernel / safe_u2)
+        # the inverse FFT below divides by the number of mesh points; the engine's does not
+        self.filter = influence * (COULOMB_CONSTANT * self.mesh_points / volume)
+
+    def apply(self, q: torch.Tensor) -> torch.Tensor:
+        """``A q`` for charges [N, C]."""
+        c = q.shape[1]
+        rho = (self.spread @ q).T.reshape(c, *self.shape)
+        phi_mesh = torch.fft.irfftn(
+            torch.fft.rfftn(rho, dim=(1, 2, 3)) * self.filter, s=self.shape, dim=(1, 2, 3)
+        )
+        phi = self.gather @ phi_mesh.reshape(c, self.mesh_points).T
+        phi = phi + self.real @ q + self.diagonal[:, None] * q
+        return phi + self.background * q.sum(0, keepdim=True)
+
+
+class _SymmetricMatvec(torch.autograd.Function):
+    """``A q`` with the constant symmetric ``A``: the backward is another product."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, op: CachedOperator) -> torch.Tensor:  # type: ignore[override]
+        ctx.op = op
+        return op.apply(q)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return _SymmetricMatvec.apply(grad, ctx.op), None
+
+
+def cached_matvec(op: CachedOperator, q: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``A q`` for [N, C] charges, differentiable in ``q`` (A itself is constant)."""
+    work = op.diagonal.dtype
+    out = _SymmetricMatvec.apply(q.to(work), op)
+    return out.to(dtype or q.dtype)
