@@ -435,3 +435,56 @@ def test_cached_operator_is_the_engine_matrix(base_smearing):
     y = frozen.matvec(x)
     (g,) = torch.autograd.grad((y * q[:, 2:3]).sum(), x, create_graph=True)
     assert float((g - frozen.matvec(q[:, 2:3])).abs().max()) < 1e-10 * float(g.abs().max())
+
+
+def test_stationary_energy_needs_no_backward_solve(monkeypatch):
+    """Forces of the QEq energy come from fixed charges: one CG solve, none in backward."""
+    from mace_lr.electrostatics._qeq import ConstrainedSolver
+
+    calls = []
+    original = ConstrainedSolver._pcg
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ConstrainedSolver, "_pcg", counting)
+    system = _random_system("periodic", seed=6)
+    pos = system["positions"].clone().requires_grad_(True)
+    out = _solve({**system, "positions": pos}, solver="cg", tol=1e-10)
+    assert len(calls) == 1
+    (forces,) = torch.autograd.grad(out["energy"], pos)
+    assert len(calls) == 1
+    # the charges themselves still carry the implicit derivative (a backward solve)
+    pos2 = system["positions"].clone().requires_grad_(True)
+    out2 = _solve({**system, "positions": pos2}, solver="cg", tol=1e-10)
+    torch.autograd.grad((out2["charges"] ** 2).sum(), pos2)
+    assert len(calls) == 3
+    # the forces are those of the dense solver (same operator)
+    pos3 = system["positions"].clone().requires_grad_(True)
+    (dense,) = torch.autograd.grad(_solve({**system, "positions": pos3}, solver="dense")["energy"], pos3)
+    assert float((forces - dense).abs().max()) < 1e-7 * float(dense.abs().max())
+
+
+@pytest.mark.parametrize("kind", ["periodic", "open"])
+def test_training_gradient_of_a_force_loss_of_the_stationary_energy(kind):
+    """Second derivatives of the bare QEq energy (one Newton step): the −½ δqᵀAδq term."""
+    system = _random_system(kind, n=10, seed=8)
+
+    def loss_of(hardness, create_graph):
+        pos = system["positions"].clone().requires_grad_(True)
+        out = _solve(
+            {**system, "positions": pos, "hardness": hardness}, solver="cg", tol=1e-12, total_charge=0.5
+        )
+        (forces,) = torch.autograd.grad(out["energy"], pos, create_graph=create_graph)
+        return (forces**2).sum()
+
+    hardness = system["hardness"].clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss_of(hardness, True), hardness)
+    h = 1e-5
+    for k in (0, 4, 9):
+        plus, minus = system["hardness"].clone(), system["hardness"].clone()
+        plus[k] += h
+        minus[k] -= h
+        fd = (float(loss_of(plus, False)) - float(loss_of(minus, False))) / (2 * h)
+        assert abs(fd - float(grad[k])) < 1e-5 * max(1.0, abs(fd)), (k, fd, float(grad[k]))

@@ -27,6 +27,13 @@ first derivatives of ``q*`` (forces, Born charges, parameter gradients), two ste
 second derivatives (training on forces when the energy is not stationary in ``q``, as
 with a fourth-generation readout). Applying ``B`` in the backward pass is another
 constrained solve with the same solver, so dense and CG give the same derivatives.
+
+The QEq energy itself is stationary in ``q`` on the constraint surface, so its first
+derivatives (forces, stress, energy-loss gradients) are taken at fixed charges and need
+no backward solve; a term with zero value and zero first derivatives,
+``−½ δqᵀ A δq`` with ``δq = q − q*``, carries the ``−∂q*ᵀ A ∂q*`` part of its second
+derivatives (training on forces). Losses on the charges themselves still go through
+``B``.
 """
 
 from __future__ import annotations
@@ -514,6 +521,8 @@ class _Solve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, solver: ConstrainedSolver) -> torch.Tensor:  # type: ignore[override]
         ctx.solver = solver
+        if not bool(x.detach().any()):
+            return torch.zeros_like(x)  # B 0 = 0 (e.g. the gradient of a stationary energy)
         return solver.solve(x).to(x.dtype)
 
     @staticmethod
@@ -617,13 +626,22 @@ def solve_qeq(
         group_charges.detach().to(torch.float64),
         x0=None if initial_guess is None else initial_guess.detach().to(torch.float64),
     ).to(dtype)
+    # A q0 with the derivatives of A in positions, cell, hardness and widths
+    a_q0 = op.matvec(q0)
     q = q0
-    for _ in range(int(newton_steps)):
-        residual = op.matvec(q) + electronegativity
+    for step in range(int(newton_steps)):
+        residual = (a_q0 if step == 0 else op.matvec(q)) + electronegativity
         q = q - _NewtonCorrection.apply(residual, frozen)
-    a_q = op.matvec(q)
-    energy = (electronegativity * q).sum() + 0.5 * (q * a_q).sum()
-    grad = (a_q + electronegativity).detach()
+    # The energy is stationary in q on the constraint surface, so its first derivatives
+    # are those at fixed charges: E(q0) with q0 a constant (no backward solve). The term
+    # −½ δqᵀA δq, δq = q − q0 (zero in value, carrying ∂q*), has zero value and first
+    # derivatives and restores the second derivatives: d²E = ∂²E(q0) − ∂q*ᵀ A ∂q*, the
+    # exact Hessian of E(q*(θ), θ) (∂²E/∂θ∂q = −A ∂q*/∂θ at the solution).
+    energy = (electronegativity * q0).sum() + 0.5 * (q0 * a_q0).sum()
+    if newton_steps > 0 and q.requires_grad:
+        dq = q - q0
+        energy = energy - 0.5 * (dq * frozen.operator.matvec(dq.to(torch.float64)).to(dtype)).sum()
+    grad = (a_q0 + electronegativity).detach()
     counts = torch.bincount(groups, minlength=frozen.n_groups).to(dtype)
     mu = _group_sums(grad[:, None], groups, frozen.n_groups)[:, 0] / counts
     return {
