@@ -252,19 +252,24 @@ class SpectralPreconditioner:
     r"""Jacobi plus a k-space correction for the long-wavelength charge modes (periodic cells).
 
     For smooth charge modes the Jacobi-scaled QEq matrix :math:`D^{-1/2} A D^{-1/2}` acts
-    like :math:`1 + \rho\,\hat C(k)/\bar d` with :math:`\hat C(k) = 4\pi k_e e^{-s^2k^2/2}/k^2`:
-    its Coulomb part grows as 1/k², so plain Jacobi-preconditioned CG needs iterations that
-    grow with the box length. This operator applies
+    like :math:`1 + x(k)`, :math:`x(k) = \rho\,\hat C(k)/\bar d` with
+    :math:`\hat C(k) = 4\pi k_e e^{-s^2k^2/2}/k^2`: its Coulomb part grows as 1/k², so plain
+    Jacobi-preconditioned CG needs iterations that grow with the box length. With
+    cloud-in-cell spreading ``W`` onto a mesh of about one point per atom and the mesh
+    filter :math:`H(k) = (1 + x(k))^{-1/2} - 1 \in (-1, 0]`, this operator applies
 
-    .. math:: M^{-1} r = D^{-1/2}\big(1 + \theta\,(M_\mathrm{mesh}/N)\,W^\top F W\big) D^{-1/2} r,
-              \qquad F(k) = \frac{1}{1 + \rho \hat C(k)/\bar d} - 1 \in (-1, 0],
+    .. math:: M^{-1} = D^{-1/2}\big(K^2 + \varepsilon\big) D^{-1/2}, \qquad
+              K = 1 + (M_\mathrm{mesh}/N)\, W^\top H W,
+              \qquad \varepsilon = 0.1 \min_k\, (1 + x(k))^{-1},
 
-    with cloud-in-cell spreading ``W`` onto a mesh of about one point per atom. It is
-    symmetric and only affects convergence, never the solution. Because :math:`-F \preceq f`,
-    :math:`M^{-1} \succeq D^{-1/2}(1 - \theta f (M_\mathrm{mesh}/N) W^\top W) D^{-1/2}` with
-    :math:`f = -\min_k F(k) < 1`; the damping θ = min(1, 0.98/(f λ)) with λ the largest
-    eigenvalue of :math:`(M_\mathrm{mesh}/N) W^\top W` (power iteration) keeps it positive
-    definite for any geometry and any spread of hardness, so CG never breaks down on it.
+    so smooth modes see :math:`K^2 \approx (1 + x)^{-1}`, the inverse of their Coulomb
+    stiffness, at every wavelength. ``K`` is symmetric, so :math:`K^2` is positive
+    semidefinite for any geometry and any spread of hardness, and the floor ε makes
+    :math:`M^{-1}` positive definite by construction (its smallest eigenvalue is at
+    least :math:`\varepsilon / \max_i D_{ii}`) without damping the correction; ε is a
+    tenth of the smallest factor the correction applies, so it perturbs no mode by more
+    than 10 %.
+    It only affects convergence, never the solution.
     """
 
     def __init__(self, operator: "GaussianCoulombOperator") -> None:
@@ -307,12 +312,10 @@ class SpectralPreconditioner:
         rho = n / volume
         safe = torch.where(k2 > 0, k2, torch.ones_like(k2))
         coulomb = 4.0 * math.pi * COULOMB_CONSTANT * torch.exp(-0.5 * width2 * safe) / safe
-        filt = 1.0 / (1.0 + rho * coulomb / dbar) - 1.0
-        self.filter = torch.where(k2 > 0, filt, torch.zeros_like(filt))
-        self.damping = 1.0
-        deepest = float(-self.filter.min()) if self.filter.numel() else 0.0
-        if n and deepest > 0:
-            self.damping = min(1.0, 0.98 / (self._largest_mesh_eigenvalue() * deepest))
+        stiffness = torch.where(k2 > 0, 1.0 + rho * coulomb / dbar, torch.ones_like(k2))
+        # the square root of the target factor 1/(1 + x): K is applied twice
+        self.filter = torch.rsqrt(stiffness) - 1.0
+        self.floor = 0.1 / float(stiffness.max()) if stiffness.numel() else 1.0
 
     def _spread(self, r: torch.Tensor) -> torch.Tensor:
         c = r.shape[1]
@@ -323,26 +326,17 @@ class SpectralPreconditioner:
     def _gather(self, mesh: torch.Tensor) -> torch.Tensor:
         return (mesh[self.index] * self.weights[:, :, None]).sum(1)
 
-    def _largest_mesh_eigenvalue(self, steps: int = 30) -> float:
-        """λ_max of (M_mesh/N) WᵀW by power iteration (an upper estimate, +2 %)."""
-        n = self.weights.shape[0]
-        v = torch.ones((n, 1), dtype=self.weights.dtype, device=self.weights.device)
-        v = v + 0.1 * torch.sin(torch.arange(n, dtype=v.dtype, device=v.device))[:, None]
-        lam = 0.0
-        for _ in range(steps):
-            w = (self.mesh_points / n) * self._gather(self._spread(v))
-            lam = float(torch.linalg.norm(w) / torch.linalg.norm(v))
-            v = w / torch.linalg.norm(w)
-        return 1.02 * lam
-
-    def __call__(self, r: torch.Tensor) -> torch.Tensor:
-        n, c = r.shape
-        y = r * self.inv_sqrt_d[:, None]
+    def _apply_k(self, y: torch.Tensor) -> torch.Tensor:
+        """``K y = y + (M_mesh/N) Wᵀ H W y`` (symmetric)."""
+        n, c = y.shape
         grid = self._spread(y).T.reshape(c, *self.shape)
         filtered = torch.fft.rfftn(grid, dim=(1, 2, 3)) * self.filter
         smooth = torch.fft.irfftn(filtered, s=self.shape, dim=(1, 2, 3))
-        back = self._gather(smooth.reshape(c, -1).T)
-        y = y + self.damping * (self.mesh_points / n) * back
+        return y + (self.mesh_points / n) * self._gather(smooth.reshape(c, -1).T)
+
+    def __call__(self, r: torch.Tensor) -> torch.Tensor:
+        y = r * self.inv_sqrt_d[:, None]
+        y = self._apply_k(self._apply_k(y)) + self.floor * y
         return y * self.inv_sqrt_d[:, None]
 
 
