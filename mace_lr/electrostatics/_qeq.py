@@ -308,11 +308,15 @@ class SpectralPreconditioner:
         kvec = 2.0 * math.pi * grid @ torch.linalg.inv(cell).T
         k2 = (kvec**2).sum(-1)
         width2 = 2.0 * float((operator.widths**2).mean())
-        dbar = float(d.mean())
+        inv_d = float((1.0 / d).mean())
+        # spreading weights of the Jacobi-scaled residual: a smooth *charge* mode q is
+        # y = D^½ q in the scaled space, so W acts on D^-½ y; normalised so that
+        # (M_mesh/N) S Sᵀ ≈ 1 on smooth mesh functions
+        self.amplitude = self.inv_sqrt_d / math.sqrt(inv_d)
         rho = n / volume
         safe = torch.where(k2 > 0, k2, torch.ones_like(k2))
         coulomb = 4.0 * math.pi * COULOMB_CONSTANT * torch.exp(-0.5 * width2 * safe) / safe
-        stiffness = torch.where(k2 > 0, 1.0 + rho * coulomb / dbar, torch.ones_like(k2))
+        stiffness = torch.where(k2 > 0, 1.0 + rho * coulomb * inv_d, torch.ones_like(k2))
         # the square root of the target factor 1/(1 + x): K is applied twice
         self.filter = torch.rsqrt(stiffness) - 1.0
         self.floor = 0.1 / float(stiffness.max()) if stiffness.numel() else 1.0
@@ -327,12 +331,13 @@ class SpectralPreconditioner:
         return (mesh[self.index] * self.weights[:, :, None]).sum(1)
 
     def _apply_k(self, y: torch.Tensor) -> torch.Tensor:
-        """``K y = y + (M_mesh/N) Wᵀ H W y`` (symmetric)."""
+        """``K y = y + (M_mesh/N) Sᵀ H S y`` with ``S = W diag(a)`` (symmetric)."""
         n, c = y.shape
-        grid = self._spread(y).T.reshape(c, *self.shape)
+        amp = self.amplitude[:, None]
+        grid = self._spread(y * amp).T.reshape(c, *self.shape)
         filtered = torch.fft.rfftn(grid, dim=(1, 2, 3)) * self.filter
         smooth = torch.fft.irfftn(filtered, s=self.shape, dim=(1, 2, 3))
-        return y + (self.mesh_points / n) * self._gather(smooth.reshape(c, -1).T)
+        return y + (self.mesh_points / n) * amp * self._gather(smooth.reshape(c, -1).T)
 
     def __call__(self, r: torch.Tensor) -> torch.Tensor:
         y = r * self.inv_sqrt_d[:, None]
