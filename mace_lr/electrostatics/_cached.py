@@ -31,16 +31,31 @@ import torch
 from ._kernels import COULOMB_CONSTANT, EwaldParameters, cell_volume
 
 
-def _csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
-    """CSR matrix from COO triplets without duplicates (one sort, no coalescing)."""
-    order = torch.argsort(rows * shape[1] + cols)
+def _csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape, rows_only: bool = False):
+    """CSR matrix from COO triplets without duplicates (one sort, no coalescing).
+
+    ``rows_only``: the triplets are already in increasing column order, so a stable sort
+    on the rows alone leaves the columns of every row sorted.
+    """
+    if rows_only:
+        key = rows.to(torch.int32) if shape[0] < 2**31 else rows
+        order = torch.sort(key, stable=True).indices
+    else:
+        key = rows * shape[1] + cols
+        if shape[0] * shape[1] < 2**31:
+            key = key.to(torch.int32)
+        order = torch.sort(key).indices
     counts = torch.bincount(rows, minlength=shape[0])
     crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    return _csr_tensor(crow, cols[order], values[order], shape)
+
+
+def _csr_tensor(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
     with warnings.catch_warnings():
         # "Sparse CSR tensor support is in beta state": products with dense matrices are
         # all this module uses, and they are tested here
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support", category=UserWarning)
-        return torch.sparse_csr_tensor(crow, cols[order], values[order], shape, check_invariants=False)
+        return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
 
 
 class CachedOperator:
@@ -99,12 +114,15 @@ class CachedOperator:
         self.shape = (nx, ny, nz)
         self.mesh_points = nx * ny * nz
         flat = (interp.x_indices * ny + interp.y_indices) * nz + interp.z_indices  # [p³, N]
-        atoms = torch.arange(n, device=device).expand_as(flat)
-        # W is [mesh, N] (spreading), Wᵀ [N, mesh] (interpolation); both kept in CSR
-        self.spread = _csr(flat.reshape(-1), atoms.reshape(-1), weights.reshape(-1), (self.mesh_points, n))
-        self.gather = _csr(
-            atoms.T.reshape(-1), flat.T.reshape(-1), weights.T.reshape(-1), (n, self.mesh_points)
-        )
+        # Wᵀ [N, mesh] (interpolation): p³ entries per atom, sorted within each row
+        cols, perm = torch.sort(flat.T, dim=1)
+        vals = torch.gather(weights.T, 1, perm)
+        nodes = cols.shape[1]
+        crow = torch.arange(n + 1, device=device) * nodes
+        self.gather = _csr_tensor(crow, cols.reshape(-1), vals.reshape(-1), (n, self.mesh_points))
+        # W [mesh, N] (spreading): the same entries, atom-major, sorted by mesh point
+        atoms = torch.arange(n, device=device).repeat_interleave(nodes)
+        self.spread = _csr(cols.reshape(-1), atoms, vals.reshape(-1), (self.mesh_points, n), rows_only=True)
 
         # influence function for point-charge P3M (as the engine): kernel / U²(k), with
         # U the Fourier transform of the order-p assignment function on the mesh
@@ -141,6 +159,10 @@ class _SymmetricMatvec(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, op: CachedOperator) -> torch.Tensor:  # type: ignore[override]
         ctx.op = op
+        if not bool(q.any()):
+            # A 0 = 0: the zero-valued δq of the energy's second-derivative term and its
+            # zero first-order gradient skip two products (the graph is kept by apply)
+            return torch.zeros_like(q)
         return op.apply(q)
 
     @staticmethod
