@@ -90,6 +90,7 @@ class GaussianCoulombOperator:
         base_smearing: float = 0.0,
         _pairs: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
         _frozen: bool = False,
+        _merged_values: Optional[torch.Tensor] = None,
     ) -> None:
         n = positions.shape[0]
         if widths.shape != (n,) or hardness.shape != (n,):
@@ -111,33 +112,40 @@ class GaussianCoulombOperator:
         # pair correction erf(r/√2γ) − erf(r/√2 s0), decaying with the widest kernel
         widest = max(self.base_smearing, _SQRT2 * float(widths.detach().max())) if n else 0.0
         self.pair_cutoff = _SQRT2 * widest * _erfcinv(self.accuracy)
-        if _pairs is None:
-            _pairs = _pair_list(positions, cell, self.pair_cutoff, self.pbc)
-        self.pairs = _pairs
-        self._correction = self._pair_values()
-        self._fast: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, object]] = None
+        self._params = None
+        self._merged: Optional[torch.Tensor] = None
+        self._correction: Optional[torch.Tensor] = None
         self._cached: Optional[CachedOperator] = None
-        if _frozen and self.pbc == (True, True, True) and n:
-            self._fast = self._merged_real_space()
-            i, j, v, params = self._fast
-            if params.method == "p3m":
+        if self.pbc == (True, True, True) and n:
+            # one pair list holds both the Ewald real-space kernel and the width
+            # correction: one neighbour list per geometry, shared with the frozen copy
+            self._params = _cached_parameters(cell, n, self.base_smearing, self.accuracy, method)
+            if _pairs is None:
+                _pairs = _pair_list(positions, cell, max(self._params.rcut, self.pair_cutoff), self.pbc)
+            self.pairs = _pairs
+            self._merged = _merged_values if _merged_values is not None else self._merged_real_space()
+            if _frozen and self._params.method == "p3m":
+                i, j, _ = self.pairs
                 self._cached = CachedOperator(
-                    positions, cell, params, self.base_smearing, i, j, v, self.diagonal
+                    positions, cell, self._params, self.base_smearing, i, j, self._merged, self.diagonal
                 )
+        else:
+            if _pairs is None:
+                _pairs = _pair_list(positions, cell, self.pair_cutoff, self.pbc)
+            self.pairs = _pairs
+            self._correction = self._pair_values()
 
-    def _merged_real_space(self):
-        """Real-space list for repeated products at fixed geometry (CG).
+    def _merged_real_space(self) -> torch.Tensor:
+        """Real-space matrix elements on the merged list (differentiable), eV/e².
 
-        One precomputed list holds both the Ewald real-space kernel and the width
-        correction, so no neighbour list is rebuilt per iteration. With P3M the k-space
-        part is precomputed too (:class:`~._cached.CachedOperator`); with Ewald (small
-        cells) it is the engine's.
+        The engine's Ewald short-range kernel within its cutoff plus the width correction
+        ``erf(r/√2γ) − erf(r/√2 s0)`` within the pair cutoff. With P3M the k-space part
+        of frozen copies is precomputed too (:class:`~._cached.CachedOperator`); otherwise
+        it is the engine's.
         """
-        n = self.positions.shape[0]
+        params = self._params
         s0 = self.base_smearing
-        params = _cached_parameters(self.cell, n, s0, self.accuracy, self.method)
-        cutoff = max(params.rcut, self.pair_cutoff)
-        i, j, shifts = _pair_list(self.positions, self.cell, cutoff, self.pbc)
+        i, j, shifts = self.pairs
         vec = self.positions[j] - self.positions[i] + shifts.to(self.positions.dtype) @ self.cell
         dist = torch.linalg.norm(vec, dim=-1)
         values = torch.zeros_like(dist)
@@ -147,7 +155,7 @@ class GaussianCoulombOperator:
         base = torch.erf(dist / (_SQRT2 * s0)) if s0 > 0 else torch.ones_like(dist)
         correction = (torch.erf(dist / (_SQRT2 * gamma)) - base) / dist
         values = values + torch.where(dist < self.pair_cutoff, correction, torch.zeros_like(dist))
-        return i, j, COULOMB_CONSTANT * values, params
+        return COULOMB_CONSTANT * values
 
     def _pair_values(self) -> torch.Tensor:
         i, j, shifts = self.pairs
@@ -171,11 +179,11 @@ class GaussianCoulombOperator:
         if self._cached is not None:
             phi = cached_matvec(self._cached, q2)
             return phi[:, 0] if squeeze else phi
-        if self._fast is not None:
-            i, j, v, params = self._fast
-            phi = _reciprocal_space(self.positions, q2, self.cell, params, self.base_smearing)
+        if self._merged is not None:
+            i, j, _ = self.pairs
+            phi = _reciprocal_space(self.positions, q2, self.cell, self._params, self.base_smearing)
             phi = COULOMB_CONSTANT * phi
-            v2 = v[:, None]
+            v2 = self._merged[:, None]
             phi = phi.index_add(0, i, v2 * q2[j]).index_add(0, j, v2 * q2[i]) + self.diagonal[:, None] * q2
             return phi[:, 0] if squeeze else phi
         phi = coulomb_potential_single(
@@ -208,6 +216,10 @@ class GaussianCoulombOperator:
             self.base_smearing,
             _pairs=self.pairs,
             _frozen=True,
+            # the merged real-space values when no precision is gained by recomputing them
+            _merged_values=(
+                None if self._merged is None or dtype != self._merged.dtype else self._merged.detach()
+            ),
         )
 
     def dense(self) -> torch.Tensor:
