@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import OrderedDict
 from typing import Optional
 
 import torch
 
 from ._kernels import COULOMB_CONSTANT, EwaldParameters, cell_volume
+
+_INFLUENCE_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
 
 
 def _csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape, rows_only: bool = False):
@@ -58,6 +61,59 @@ def _csr_tensor(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, sh
         return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
 
 
+def _influence(cell: torch.Tensor, ns: torch.Tensor, params: EwaldParameters) -> torch.Tensor:
+    """The engine's P3M influence function on the rfft grid (cached per cell and mesh).
+
+    Point-charge P3M: the split-width Coulomb kernel ``4π e^{-s²k²/2}/k²`` divided by
+    ``U²(k)``, the squared Fourier transform of the order-p assignment function.
+    """
+    from torchpme.lib import generate_kvectors_for_mesh
+
+    key = (cell.cpu().numpy().tobytes(), tuple(ns.tolist()), params.split, params.interpolation_nodes)
+    key = key + (cell.dtype, str(cell.device))
+    cached = _INFLUENCE_CACHE.get(key)
+    if cached is not None:
+        _INFLUENCE_CACHE.move_to_end(key)
+        return cached
+    dtype = cell.dtype
+    split = params.split
+    kvec = generate_kvectors_for_mesh(cell, ns)
+    k2 = (kvec**2).sum(-1)
+    spacing = (torch.linalg.norm(cell, dim=1) / ns.to(dtype)).reshape(1, 1, 1, 3)
+    u2 = torch.prod(torch.sinc(kvec * spacing / (2.0 * math.pi)), dim=-1) ** (2 * params.interpolation_nodes)
+    safe_k2 = torch.where(k2 == 0, torch.ones_like(k2), k2)
+    kernel = torch.where(
+        k2 == 0, torch.zeros_like(k2), 4.0 * math.pi * torch.exp(-0.5 * split**2 * safe_k2) / safe_k2
+    )
+    safe_u2 = torch.where(u2 == 0, torch.ones_like(u2), u2)
+    influence = torch.where(u2 == 0, torch.zeros_like(u2), kernel / safe_u2)
+    _INFLUENCE_CACHE[key] = influence
+    if len(_INFLUENCE_CACHE) > 4:
+        _INFLUENCE_CACHE.popitem(last=False)
+    return influence
+
+
+def assignment_matrices(index: torch.Tensor, weights: torch.Tensor, mesh_points: int):
+    """Spreading ``W`` [mesh, N] and interpolation ``Wᵀ`` [N, mesh] CSR matrices.
+
+    Args:
+        index: [N, P] mesh point of each of an atom's P assignment nodes (distinct per atom).
+        weights: [N, P] their weights.
+        mesh_points: number of mesh points.
+    """
+    n, nodes = index.shape
+    device = index.device
+    # Wᵀ: P entries per atom, sorted within each row
+    cols, perm = torch.sort(index, dim=1)
+    vals = torch.gather(weights, 1, perm)
+    crow = torch.arange(n + 1, device=device) * nodes
+    gather = _csr_tensor(crow, cols.reshape(-1), vals.reshape(-1), (n, mesh_points))
+    # W: the same entries, atom-major, sorted by mesh point
+    atoms = torch.arange(n, device=device).repeat_interleave(nodes)
+    spread = _csr(cols.reshape(-1), atoms, vals.reshape(-1), (mesh_points, n), rows_only=True)
+    return spread, gather
+
+
 class CachedOperator:
     """``A q`` for one fixed periodic geometry (no autograd in the inputs).
 
@@ -85,8 +141,6 @@ class CachedOperator:
     ) -> None:
         if params.method != "p3m":
             raise ValueError("the cached operator is built for P3M parameters")
-        from torchpme.lib import generate_kvectors_for_mesh
-
         from ._engine import _p3m_calculator
 
         n = positions.shape[0]
@@ -114,32 +168,8 @@ class CachedOperator:
         self.shape = (nx, ny, nz)
         self.mesh_points = nx * ny * nz
         flat = (interp.x_indices * ny + interp.y_indices) * nz + interp.z_indices  # [p³, N]
-        # Wᵀ [N, mesh] (interpolation): p³ entries per atom, sorted within each row
-        cols, perm = torch.sort(flat.T, dim=1)
-        vals = torch.gather(weights.T, 1, perm)
-        nodes = cols.shape[1]
-        crow = torch.arange(n + 1, device=device) * nodes
-        self.gather = _csr_tensor(crow, cols.reshape(-1), vals.reshape(-1), (n, self.mesh_points))
-        # W [mesh, N] (spreading): the same entries, atom-major, sorted by mesh point
-        atoms = torch.arange(n, device=device).repeat_interleave(nodes)
-        self.spread = _csr(cols.reshape(-1), atoms, vals.reshape(-1), (self.mesh_points, n), rows_only=True)
-
-        # influence function for point-charge P3M (as the engine): kernel / U²(k), with
-        # U the Fourier transform of the order-p assignment function on the mesh
-        kvec = generate_kvectors_for_mesh(cell, ns)
-        k2 = (kvec**2).sum(-1)
-        spacing = (torch.linalg.norm(cell, dim=1) / ns.to(dtype)).reshape(1, 1, 1, 3)
-        u2 = torch.prod(torch.sinc(kvec * spacing / (2.0 * math.pi)), dim=-1) ** (
-            2 * params.interpolation_nodes
-        )
-        safe_k2 = torch.where(k2 == 0, torch.ones_like(k2), k2)
-        kernel = torch.where(
-            k2 == 0, torch.zeros_like(k2), 4.0 * math.pi * torch.exp(-0.5 * split**2 * safe_k2) / safe_k2
-        )
-        safe_u2 = torch.where(u2 == 0, torch.ones_like(u2), u2)
-        influence = torch.where(u2 == 0, torch.zeros_like(u2), kernel / safe_u2)
-        # the inverse FFT below divides by the number of mesh points; the engine's does not
-        self.filter = influence * (COULOMB_CONSTANT * self.mesh_points / volume)
+        self.spread, self.gather = assignment_matrices(flat.T, weights.T, self.mesh_points)
+        self.filter = _influence(cell, ns, params) * (COULOMB_CONSTANT * self.mesh_points / volume)
 
     def apply(self, q: torch.Tensor) -> torch.Tensor:
         """``A q`` for charges [N, C]."""

@@ -44,7 +44,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ._cached import CachedOperator, cached_matvec
+from ._cached import CachedOperator, assignment_matrices, cached_matvec
 from ._engine import _cached_parameters, _reciprocal_space, coulomb_potential_single
 from ._kernels import COULOMB_CONSTANT, short_range_kernel
 
@@ -310,8 +310,8 @@ class SpectralPreconditioner:
                     idx.append((ix * shape[1] + iy) * shape[2] + iz)
                     w = (t[:, 0] if cx else 1 - t[:, 0]) * (t[:, 1] if cy else 1 - t[:, 1])
                     wts.append(w * (t[:, 2] if cz else 1 - t[:, 2]))
-        self.index = torch.stack(idx, 1)  # [N, 8]
-        self.weights = torch.stack(wts, 1)
+        index = torch.stack(idx, 1)  # [N, 8]
+        weights = torch.stack(wts, 1)
         self.mesh_points = shape[0] * shape[1] * shape[2]
         # filter on the rfft grid
         freqs = [torch.fft.fftfreq(m, d=1.0 / m, dtype=dtype, device=device) for m in shape[:2]]
@@ -324,7 +324,10 @@ class SpectralPreconditioner:
         # spreading weights of the Jacobi-scaled residual: a smooth *charge* mode q is
         # y = D^½ q in the scaled space, so W acts on D^-½ y; normalised so that
         # (M_mesh/N) S Sᵀ ≈ 1 on smooth mesh functions
-        self.amplitude = self.inv_sqrt_d / math.sqrt(inv_d)
+        amplitude = self.inv_sqrt_d / math.sqrt(inv_d)
+        self.spread, self.gather = assignment_matrices(
+            index, weights * amplitude[:, None], self.mesh_points
+        )
         rho = n / volume
         safe = torch.where(k2 > 0, k2, torch.ones_like(k2))
         coulomb = 4.0 * math.pi * COULOMB_CONSTANT * torch.exp(-0.5 * width2 * safe) / safe
@@ -333,23 +336,13 @@ class SpectralPreconditioner:
         self.filter = torch.rsqrt(stiffness) - 1.0
         self.floor = 0.1 / float(stiffness.max()) if stiffness.numel() else 1.0
 
-    def _spread(self, r: torch.Tensor) -> torch.Tensor:
-        c = r.shape[1]
-        mesh = torch.zeros((self.mesh_points, c), dtype=r.dtype, device=r.device)
-        spread = (self.weights[:, :, None] * r[:, None, :]).reshape(-1, c)
-        return mesh.index_add(0, self.index.reshape(-1), spread)
-
-    def _gather(self, mesh: torch.Tensor) -> torch.Tensor:
-        return (mesh[self.index] * self.weights[:, :, None]).sum(1)
-
     def _apply_k(self, y: torch.Tensor) -> torch.Tensor:
         """``K y = y + (M_mesh/N) Sᵀ H S y`` with ``S = W diag(a)`` (symmetric)."""
         n, c = y.shape
-        amp = self.amplitude[:, None]
-        grid = self._spread(y * amp).T.reshape(c, *self.shape)
+        grid = (self.spread @ y).T.reshape(c, *self.shape)
         filtered = torch.fft.rfftn(grid, dim=(1, 2, 3)) * self.filter
         smooth = torch.fft.irfftn(filtered, s=self.shape, dim=(1, 2, 3))
-        return y + (self.mesh_points / n) * amp * self._gather(smooth.reshape(c, -1).T)
+        return y + (self.mesh_points / n) * (self.gather @ smooth.reshape(c, -1).T)
 
     def __call__(self, r: torch.Tensor) -> torch.Tensor:
         y = r * self.inv_sqrt_d[:, None]
