@@ -454,9 +454,9 @@ class ConstrainedSolver:
         # the residual lives in the quotient by group-constant vectors (those shift the
         # Lagrange multipliers only); keeping it projected stops a large constant part
         # from swamping the inner products with rounding errors
-        r = self._project(b - op.matvec(x))
         x_start = m_inv * (t / w_sum)[group]
         a_start = op.matvec(x_start)
+        r = self._project(b - (a_start if x0 is None else op.matvec(x)))
         norm0 = torch.linalg.norm(self._project(b - a_start), dim=0)
         # a right-hand side that is constant per group moves no charge: its projected norm
         # is rounding noise, so residuals are measured against at least 1e-12 of the data
