@@ -54,6 +54,9 @@ def _csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape, ro
 
 
 def _csr_tensor(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
+    if values.numel() < 2**31 and max(shape) < 2**31:
+        # 32-bit indices: the CPU sparse kernels convert int64 ones on every product
+        crow, cols = crow.to(torch.int32), cols.to(torch.int32)
     with warnings.catch_warnings():
         # "Sparse CSR tensor support is in beta state": products with dense matrices are
         # all this module uses, and they are tested here
@@ -91,6 +94,15 @@ def _influence(cell: torch.Tensor, ns: torch.Tensor, params: EwaldParameters) ->
     if len(_INFLUENCE_CACHE) > 4:
         _INFLUENCE_CACHE.popitem(last=False)
     return influence
+
+
+def sparse_product(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``matrix @ x`` for a CSR matrix and dense [K, C] ``x`` (one column: the faster
+    matrix-vector kernel, which copies neither operand nor result).
+    """
+    if x.shape[1] == 1:
+        return (matrix @ x[:, 0])[:, None]
+    return matrix @ x
 
 
 def assignment_matrices(index: torch.Tensor, weights: torch.Tensor, mesh_points: int):
@@ -174,12 +186,12 @@ class CachedOperator:
     def apply(self, q: torch.Tensor) -> torch.Tensor:
         """``A q`` for charges [N, C]."""
         c = q.shape[1]
-        rho = (self.spread @ q).T.reshape(c, *self.shape)
+        rho = sparse_product(self.spread, q).T.reshape(c, *self.shape)
         phi_mesh = torch.fft.irfftn(
             torch.fft.rfftn(rho, dim=(1, 2, 3)) * self.filter, s=self.shape, dim=(1, 2, 3)
         )
-        phi = self.gather @ phi_mesh.reshape(c, self.mesh_points).T
-        phi = phi + self.real @ q + self.diagonal[:, None] * q
+        phi = sparse_product(self.gather, phi_mesh.reshape(c, self.mesh_points).T)
+        phi = phi + sparse_product(self.real, q) + self.diagonal[:, None] * q
         return phi + self.background * q.sum(0, keepdim=True)
 
 

@@ -44,7 +44,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ._cached import CachedOperator, assignment_matrices, cached_matvec
+from ._cached import CachedOperator, assignment_matrices, cached_matvec, sparse_product
 from ._engine import _cached_parameters, _reciprocal_space, coulomb_potential_single
 from ._kernels import COULOMB_CONSTANT, short_range_kernel
 
@@ -325,9 +325,7 @@ class SpectralPreconditioner:
         # y = D^½ q in the scaled space, so W acts on D^-½ y; normalised so that
         # (M_mesh/N) S Sᵀ ≈ 1 on smooth mesh functions
         amplitude = self.inv_sqrt_d / math.sqrt(inv_d)
-        self.spread, self.gather = assignment_matrices(
-            index, weights * amplitude[:, None], self.mesh_points
-        )
+        self.spread, self.gather = assignment_matrices(index, weights * amplitude[:, None], self.mesh_points)
         rho = n / volume
         safe = torch.where(k2 > 0, k2, torch.ones_like(k2))
         coulomb = 4.0 * math.pi * COULOMB_CONSTANT * torch.exp(-0.5 * width2 * safe) / safe
@@ -339,10 +337,10 @@ class SpectralPreconditioner:
     def _apply_k(self, y: torch.Tensor) -> torch.Tensor:
         """``K y = y + (M_mesh/N) Sᵀ H S y`` with ``S = W diag(a)`` (symmetric)."""
         n, c = y.shape
-        grid = (self.spread @ y).T.reshape(c, *self.shape)
+        grid = sparse_product(self.spread, y).T.reshape(c, *self.shape)
         filtered = torch.fft.rfftn(grid, dim=(1, 2, 3)) * self.filter
         smooth = torch.fft.irfftn(filtered, s=self.shape, dim=(1, 2, 3))
-        return y + (self.mesh_points / n) * (self.gather @ smooth.reshape(c, -1).T)
+        return y + (self.mesh_points / n) * sparse_product(self.gather, smooth.reshape(c, -1).T)
 
     def __call__(self, r: torch.Tensor) -> torch.Tensor:
         y = r * self.inv_sqrt_d[:, None]
