@@ -187,9 +187,8 @@ class CachedOperator:
         """``A q`` for charges [N, C]."""
         c = q.shape[1]
         rho = sparse_product(self.spread, q).T.reshape(c, *self.shape)
-        phi_mesh = torch.fft.irfftn(
-            torch.fft.rfftn(rho, dim=(1, 2, 3)) * self.filter, s=self.shape, dim=(1, 2, 3)
-        )
+        spectrum = torch.fft.rfftn(rho, dim=(1, 2, 3)).mul_(self.filter)
+        phi_mesh = torch.fft.irfftn(spectrum, s=self.shape, dim=(1, 2, 3))
         phi = sparse_product(self.gather, phi_mesh.reshape(c, self.mesh_points).T)
         phi = phi + sparse_product(self.real, q) + self.diagonal[:, None] * q
         return phi + self.background * q.sum(0, keepdim=True)
