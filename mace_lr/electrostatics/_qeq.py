@@ -263,25 +263,27 @@ def _group_sums(x: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Te
 class SpectralPreconditioner:
     r"""Jacobi plus a k-space correction for the long-wavelength charge modes (periodic cells).
 
-    For smooth charge modes the Jacobi-scaled QEq matrix :math:`D^{-1/2} A D^{-1/2}` acts
-    like :math:`1 + x(k)`, :math:`x(k) = \rho\,\hat C(k)/\bar d` with
-    :math:`\hat C(k) = 4\pi k_e e^{-s^2k^2/2}/k^2`: its Coulomb part grows as 1/k², so plain
-    Jacobi-preconditioned CG needs iterations that grow with the box length. With
-    cloud-in-cell spreading ``W`` onto a mesh of about one point per atom and the mesh
+    A smooth charge mode :math:`q = e^{i\mathbf k\cdot\mathbf r}` is the vector
+    :math:`y = D^{1/2} q` of the Jacobi-scaled QEq matrix :math:`D^{-1/2} A D^{-1/2}`, which
+    acts on it like :math:`1 + x(k)`, :math:`x(k) = \rho\,\hat C(k)\,\langle 1/d\rangle`
+    with :math:`\hat C(k) = 4\pi k_e e^{-s^2k^2/2}/k^2`: the Coulomb part grows as 1/k², so
+    plain Jacobi-preconditioned CG needs iterations that grow with the box length. With
+    cloud-in-cell spreading ``W`` onto a mesh of about one point per atom, the weighted
+    spreading :math:`S = W D^{-1/2}/\langle 1/d\rangle^{1/2}` (so that
+    :math:`(M_\mathrm{mesh}/N) S S^\top \approx 1` on smooth mesh functions) and the mesh
     filter :math:`H(k) = (1 + x(k))^{-1/2} - 1 \in (-1, 0]`, this operator applies
 
     .. math:: M^{-1} = D^{-1/2}\big(K^2 + \varepsilon\big) D^{-1/2}, \qquad
-              K = 1 + (M_\mathrm{mesh}/N)\, W^\top H W,
+              K = 1 + (M_\mathrm{mesh}/N)\, S^\top H S,
               \qquad \varepsilon = 0.1 \min_k\, (1 + x(k))^{-1},
 
     so smooth modes see :math:`K^2 \approx (1 + x)^{-1}`, the inverse of their Coulomb
-    stiffness, at every wavelength. ``K`` is symmetric, so :math:`K^2` is positive
-    semidefinite for any geometry and any spread of hardness, and the floor ε makes
-    :math:`M^{-1}` positive definite by construction (its smallest eigenvalue is at
-    least :math:`\varepsilon / \max_i D_{ii}`) without damping the correction; ε is a
-    tenth of the smallest factor the correction applies, so it perturbs no mode by more
-    than 10 %.
-    It only affects convergence, never the solution.
+    stiffness, at every wavelength, and CG iterations do not grow with N. ``K`` is
+    symmetric, so :math:`K^2` is positive semidefinite for any geometry and any spread of
+    hardness, and the floor ε makes :math:`M^{-1}` positive definite by construction (its
+    smallest eigenvalue is at least :math:`\varepsilon / \max_i D_{ii}`) without damping
+    the correction; ε is a tenth of the smallest factor the correction applies, so it
+    perturbs no mode by more than 10 %. It only affects convergence, never the solution.
     """
 
     def __init__(self, operator: "GaussianCoulombOperator") -> None:
