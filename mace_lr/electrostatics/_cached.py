@@ -211,8 +211,12 @@ class _SymmetricMatvec(torch.autograd.Function):
         return _SymmetricMatvec.apply(grad, ctx.op), None
 
 
-def cached_matvec(op: CachedOperator, q: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """``A q`` for [N, C] charges, differentiable in ``q`` (A itself is constant)."""
+def cached_matvec(op, q: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``A q`` for [N, C] charges, differentiable in ``q`` (A itself is constant).
+
+    ``op`` is any constant symmetric operator with ``apply`` ([N, C] → [N, C], no
+    autograd) and a ``diagonal`` giving its working dtype.
+    """
     work = op.diagonal.dtype
     out = _SymmetricMatvec.apply(q.to(work), op)
     return out.to(dtype or q.dtype)

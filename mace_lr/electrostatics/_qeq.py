@@ -202,6 +202,21 @@ class GaussianCoulombOperator:
         phi = phi + self.diagonal[:, None] * q2
         return phi[:, 0] if squeeze else phi
 
+    def apply(self, q: torch.Tensor) -> torch.Tensor:
+        """``A q`` for [N, C] charges without autograd."""
+        with torch.no_grad():
+            return self.matvec(q)
+
+    def constant_matvec(self, q: torch.Tensor) -> torch.Tensor:
+        """``A q`` [N] or [N, C] with ``A`` held constant (for detached operators).
+
+        Differentiable in ``q`` only, through the symmetry of ``A`` (its backward is another
+        product, never a graph through the electrostatics); a zero ``q`` costs nothing.
+        """
+        squeeze = q.ndim == 1
+        out = cached_matvec(self, q[:, None] if squeeze else q)
+        return out[:, 0] if squeeze else out
+
     def detached(self, dtype: Optional[torch.dtype] = None) -> "GaussianCoulombOperator":
         """The same operator on detached inputs (for solves without autograd)."""
         dtype = dtype or self.positions.dtype
@@ -644,7 +659,7 @@ def solve_qeq(
     energy = (electronegativity * q0).sum() + 0.5 * (q0 * a_q0).sum()
     if newton_steps > 0 and q.requires_grad:
         dq = q - q0
-        energy = energy - 0.5 * (dq * frozen.operator.matvec(dq.to(torch.float64)).to(dtype)).sum()
+        energy = energy - 0.5 * (dq * frozen.operator.constant_matvec(dq).to(dtype)).sum()
     grad = (a_q0 + electronegativity).detach()
     counts = torch.bincount(groups, minlength=frozen.n_groups).to(dtype)
     mu = _group_sums(grad[:, None], groups, frozen.n_groups)[:, 0] / counts
