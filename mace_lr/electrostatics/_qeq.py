@@ -45,7 +45,13 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from ._cached import CachedOperator, assignment_matrices, cached_matvec, sparse_product
-from ._engine import _cached_parameters, _reciprocal_space, coulomb_potential_single
+from ._engine import (
+    _cached_parameters,
+    _note_net_charge,
+    _reciprocal_space,
+    coulomb_potential_single,
+    validate_inputs,
+)
 from ._kernels import COULOMB_CONSTANT, short_range_kernel
 
 logger = logging.getLogger(__name__)
@@ -116,7 +122,10 @@ class GaussianCoulombOperator:
         self._merged: Optional[torch.Tensor] = None
         self._correction: Optional[torch.Tensor] = None
         self._cached: Optional[CachedOperator] = None
+        self._frozen = bool(_frozen)
         if self.pbc == (True, True, True) and n:
+            # the engine's checks (shapes, a cell with volume) before choosing parameters
+            validate_inputs(positions, positions.detach().new_zeros(n), cell, self.pbc)
             # one pair list holds both the Ewald real-space kernel and the width
             # correction: one neighbour list per geometry, shared with the frozen copy
             self._params = _cached_parameters(cell, n, self.base_smearing, self.accuracy, method)
@@ -180,6 +189,8 @@ class GaussianCoulombOperator:
             phi = cached_matvec(self._cached, q2)
             return phi[:, 0] if squeeze else phi
         if self._merged is not None:
+            if not self._frozen:
+                _note_net_charge(q2.detach())
             i, j, _ = self.pairs
             phi = _reciprocal_space(self.positions, q2, self.cell, self._params, self.base_smearing)
             phi = COULOMB_CONSTANT * phi
