@@ -397,3 +397,141 @@ def test_spectral_preconditioner_is_positive_definite_for_a_wide_spread_of_hardn
         for pc in ("jacobi", "spectral")
     }
     assert float((out["jacobi"]["charges"] - out["spectral"]["charges"]).abs().max()) < 1e-6
+
+
+def _nacl_operator(cells, rattle=0.2, seed=0, base_smearing=1.4, accuracy=1e-4):
+    from mace_lr.electrostatics._qeq import GaussianCoulombOperator
+
+    atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True) * cells
+    atoms.rattle(rattle, seed=seed)
+    rng = np.random.default_rng(seed)
+    n = len(atoms)
+    return GaussianCoulombOperator(
+        torch.tensor(atoms.positions),
+        torch.tensor(np.asarray(atoms.cell)),
+        (True, True, True),
+        torch.tensor(rng.uniform(0.8, 1.7, n)),
+        torch.tensor(rng.uniform(0.5, 4.0, n)),
+        accuracy=accuracy,
+        base_smearing=base_smearing,
+    )
+
+
+def _engine_matvec(op, q):
+    """A q from the public engine potential plus the pair correction, on a fresh list."""
+    from vesin import NeighborList
+
+    from mace_lr.electrostatics import coulomb_potential
+
+    s0 = op.base_smearing
+    phi = coulomb_potential(op.positions, q, op.cell, op.pbc, s0 if s0 > 0 else None, op.accuracy)
+    i, j, shifts = NeighborList(cutoff=op.pair_cutoff, full_list=True).compute(
+        points=op.positions.numpy(), box=op.cell.numpy(), periodic=True, quantities="ijS"
+    )
+    i, j = torch.as_tensor(i.astype(np.int64)), torch.as_tensor(j.astype(np.int64))
+    vec = op.positions[j] - op.positions[i] + torch.as_tensor(shifts, dtype=torch.float64) @ op.cell
+    dist = torch.linalg.norm(vec, dim=-1)
+    gamma = torch.sqrt(op.widths[i] ** 2 + op.widths[j] ** 2)
+    base = torch.erf(dist / (SQRT2 * s0)) if s0 > 0 else torch.ones_like(dist)
+    v = KE * (torch.erf(dist / (SQRT2 * gamma)) - base) / dist
+    phi = phi + torch.zeros_like(q).index_add(0, i, v[:, None] * q[j])
+    return phi + op.diagonal[:, None] * q
+
+
+@pytest.mark.parametrize("base_smearing", [0.0, 1.4])
+def test_cached_operator_is_the_engine_matrix(base_smearing):
+    """The precomputed P3M product used inside CG is the engine's operator, to rounding."""
+    op = _nacl_operator((4, 3, 3), base_smearing=base_smearing)  # 288 atoms: P3M, non-cubic mesh
+    frozen = op.detached()
+    assert frozen._cached is not None
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(op.positions.shape[0], 3, generator=gen, dtype=torch.float64)
+    q[:, 1] += 0.2  # a net-charged column: the background term
+    engine = _engine_matvec(op, q)
+    assert float((op.matvec(q) - engine).abs().max() / engine.abs().max()) < 1e-10
+    cached = frozen.matvec(q)
+    err = float((engine - cached).abs().max() / engine.abs().max())
+    assert err < 1e-10, err
+    # symmetric, and its autograd function returns A g (double backward too)
+    x = q[:, :1].clone().requires_grad_(True)
+    y = frozen.matvec(x)
+    (g,) = torch.autograd.grad((y * q[:, 2:3]).sum(), x, create_graph=True)
+    assert float((g - frozen.matvec(q[:, 2:3])).abs().max()) < 1e-10 * float(g.abs().max())
+
+
+def test_spectral_preconditioner_floor_bounds_its_spectrum_for_any_geometry():
+    """M⁻¹ = D^-1/2 (K² + ε) D^-1/2 is positive definite by construction, even for a
+    clustered, far from uniform geometry (empty mesh regions, several atoms per cell)."""
+    from mace_lr.electrostatics._qeq import GaussianCoulombOperator, SpectralPreconditioner
+
+    rng = np.random.default_rng(3)
+    n, length = 400, 24.0
+    centres = rng.uniform(0.0, length, (6, 3))
+    pos = centres[rng.integers(0, 6, n)] + rng.normal(0.0, 1.5, (n, 3))
+    op = GaussianCoulombOperator(
+        torch.tensor(pos),
+        torch.eye(3, dtype=torch.float64) * length,
+        (True, True, True),
+        torch.tensor(rng.uniform(0.6, 1.8, n)),
+        torch.tensor(np.exp(rng.uniform(np.log(0.2), np.log(15.0), n))),
+        accuracy=1e-4,
+        base_smearing=0.9,
+    ).detached()
+    pc = SpectralPreconditioner(op)
+    m = pc(torch.eye(n, dtype=torch.float64))
+    assert float((m - m.T).abs().max()) < 1e-12
+    eig = torch.linalg.eigvalsh(0.5 * (m + m.T))
+    assert float(eig.min()) >= 0.999 * pc.floor / float(op.diagonal.max())
+
+
+def test_stationary_energy_needs_no_backward_solve(monkeypatch):
+    """Forces of the QEq energy come from fixed charges: one CG solve, none in backward."""
+    from mace_lr.electrostatics._qeq import ConstrainedSolver
+
+    calls = []
+    original = ConstrainedSolver._pcg
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ConstrainedSolver, "_pcg", counting)
+    system = _random_system("periodic", seed=6)
+    pos = system["positions"].clone().requires_grad_(True)
+    out = _solve({**system, "positions": pos}, solver="cg", tol=1e-10)
+    assert len(calls) == 1
+    (forces,) = torch.autograd.grad(out["energy"], pos)
+    assert len(calls) == 1
+    # the charges themselves still carry the implicit derivative (a backward solve)
+    pos2 = system["positions"].clone().requires_grad_(True)
+    out2 = _solve({**system, "positions": pos2}, solver="cg", tol=1e-10)
+    torch.autograd.grad((out2["charges"] ** 2).sum(), pos2)
+    assert len(calls) == 3
+    # the forces are those of the dense solver (same operator)
+    pos3 = system["positions"].clone().requires_grad_(True)
+    (dense,) = torch.autograd.grad(_solve({**system, "positions": pos3}, solver="dense")["energy"], pos3)
+    assert float((forces - dense).abs().max()) < 1e-7 * float(dense.abs().max())
+
+
+@pytest.mark.parametrize("kind", ["periodic", "open"])
+def test_training_gradient_of_a_force_loss_of_the_stationary_energy(kind):
+    """Second derivatives of the bare QEq energy (one Newton step): the −½ δqᵀAδq term."""
+    system = _random_system(kind, n=10, seed=8)
+
+    def loss_of(hardness, create_graph):
+        pos = system["positions"].clone().requires_grad_(True)
+        out = _solve(
+            {**system, "positions": pos, "hardness": hardness}, solver="cg", tol=1e-12, total_charge=0.5
+        )
+        (forces,) = torch.autograd.grad(out["energy"], pos, create_graph=create_graph)
+        return (forces**2).sum()
+
+    hardness = system["hardness"].clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss_of(hardness, True), hardness)
+    h = 1e-5
+    for k in (0, 4, 9):
+        plus, minus = system["hardness"].clone(), system["hardness"].clone()
+        plus[k] += h
+        minus[k] -= h
+        fd = (float(loss_of(plus, False)) - float(loss_of(minus, False))) / (2 * h)
+        assert abs(fd - float(grad[k])) < 1e-5 * max(1.0, abs(fd)), (k, fd, float(grad[k]))

@@ -27,6 +27,13 @@ first derivatives of ``q*`` (forces, Born charges, parameter gradients), two ste
 second derivatives (training on forces when the energy is not stationary in ``q``, as
 with a fourth-generation readout). Applying ``B`` in the backward pass is another
 constrained solve with the same solver, so dense and CG give the same derivatives.
+
+The QEq energy itself is stationary in ``q`` on the constraint surface, so its first
+derivatives (forces, stress, energy-loss gradients) are taken at fixed charges and need
+no backward solve; a term with zero value and zero first derivatives,
+``−½ δqᵀ A δq`` with ``δq = q − q*``, carries the ``−∂q*ᵀ A ∂q*`` part of its second
+derivatives (training on forces). Losses on the charges themselves still go through
+``B``.
 """
 
 from __future__ import annotations
@@ -37,7 +44,14 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ._engine import _cached_parameters, _reciprocal_space, coulomb_potential_single
+from ._cached import CachedOperator, assignment_matrices, cached_matvec, sparse_product
+from ._engine import (
+    _cached_parameters,
+    _note_net_charge,
+    _reciprocal_space,
+    coulomb_potential_single,
+    validate_inputs,
+)
 from ._kernels import COULOMB_CONSTANT, short_range_kernel
 
 logger = logging.getLogger(__name__)
@@ -82,6 +96,7 @@ class GaussianCoulombOperator:
         base_smearing: float = 0.0,
         _pairs: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
         _frozen: bool = False,
+        _merged_values: Optional[torch.Tensor] = None,
     ) -> None:
         n = positions.shape[0]
         if widths.shape != (n,) or hardness.shape != (n,):
@@ -103,26 +118,43 @@ class GaussianCoulombOperator:
         # pair correction erf(r/√2γ) − erf(r/√2 s0), decaying with the widest kernel
         widest = max(self.base_smearing, _SQRT2 * float(widths.detach().max())) if n else 0.0
         self.pair_cutoff = _SQRT2 * widest * _erfcinv(self.accuracy)
-        if _pairs is None:
-            _pairs = _pair_list(positions, cell, self.pair_cutoff, self.pbc)
-        self.pairs = _pairs
-        self._correction = self._pair_values()
-        self._fast: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, object]] = None
-        if _frozen and self.pbc == (True, True, True) and n:
-            self._fast = self._merged_real_space()
+        self._params = None
+        self._merged: Optional[torch.Tensor] = None
+        self._correction: Optional[torch.Tensor] = None
+        self._cached: Optional[CachedOperator] = None
+        self._frozen = bool(_frozen)
+        if self.pbc == (True, True, True) and n:
+            # the engine's checks (shapes, a cell with volume) before choosing parameters
+            validate_inputs(positions, positions.detach().new_zeros(n), cell, self.pbc)
+            # one pair list holds both the Ewald real-space kernel and the width
+            # correction: one neighbour list per geometry, shared with the frozen copy
+            self._params = _cached_parameters(cell, n, self.base_smearing, self.accuracy, method)
+            if _pairs is None:
+                _pairs = _pair_list(positions, cell, max(self._params.rcut, self.pair_cutoff), self.pbc)
+            self.pairs = _pairs
+            self._merged = _merged_values if _merged_values is not None else self._merged_real_space()
+            if _frozen and self._params.method == "p3m":
+                i, j, _ = self.pairs
+                self._cached = CachedOperator(
+                    positions, cell, self._params, self.base_smearing, i, j, self._merged, self.diagonal
+                )
+        else:
+            if _pairs is None:
+                _pairs = _pair_list(positions, cell, self.pair_cutoff, self.pbc)
+            self.pairs = _pairs
+            self._correction = self._pair_values()
 
-    def _merged_real_space(self):
-        """Real-space list for repeated products at fixed geometry (CG).
+    def _merged_real_space(self) -> torch.Tensor:
+        """Real-space matrix elements on the merged list (differentiable), eV/e².
 
-        One precomputed list holds both the Ewald real-space kernel and the width
-        correction, so no neighbour list is rebuilt per iteration; the k-space part is the
-        engine's.
+        The engine's Ewald short-range kernel within its cutoff plus the width correction
+        ``erf(r/√2γ) − erf(r/√2 s0)`` within the pair cutoff. With P3M the k-space part
+        of frozen copies is precomputed too (:class:`~._cached.CachedOperator`); otherwise
+        it is the engine's.
         """
-        n = self.positions.shape[0]
+        params = self._params
         s0 = self.base_smearing
-        params = _cached_parameters(self.cell, n, s0, self.accuracy, self.method)
-        cutoff = max(params.rcut, self.pair_cutoff)
-        i, j, shifts = _pair_list(self.positions, self.cell, cutoff, self.pbc)
+        i, j, shifts = self.pairs
         vec = self.positions[j] - self.positions[i] + shifts.to(self.positions.dtype) @ self.cell
         dist = torch.linalg.norm(vec, dim=-1)
         values = torch.zeros_like(dist)
@@ -132,7 +164,7 @@ class GaussianCoulombOperator:
         base = torch.erf(dist / (_SQRT2 * s0)) if s0 > 0 else torch.ones_like(dist)
         correction = (torch.erf(dist / (_SQRT2 * gamma)) - base) / dist
         values = values + torch.where(dist < self.pair_cutoff, correction, torch.zeros_like(dist))
-        return i, j, COULOMB_CONSTANT * values, params
+        return COULOMB_CONSTANT * values
 
     def _pair_values(self) -> torch.Tensor:
         i, j, shifts = self.pairs
@@ -153,11 +185,16 @@ class GaussianCoulombOperator:
         """``A q`` for charges [N] or [N, C] (differentiable in every input)."""
         squeeze = q.ndim == 1
         q2 = q[:, None] if squeeze else q
-        if self._fast is not None:
-            i, j, v, params = self._fast
-            phi = _reciprocal_space(self.positions, q2, self.cell, params, self.base_smearing)
+        if self._cached is not None:
+            phi = cached_matvec(self._cached, q2)
+            return phi[:, 0] if squeeze else phi
+        if self._merged is not None:
+            if not self._frozen:
+                _note_net_charge(q2.detach())
+            i, j, _ = self.pairs
+            phi = _reciprocal_space(self.positions, q2, self.cell, self._params, self.base_smearing)
             phi = COULOMB_CONSTANT * phi
-            v2 = v[:, None]
+            v2 = self._merged[:, None]
             phi = phi.index_add(0, i, v2 * q2[j]).index_add(0, j, v2 * q2[i]) + self.diagonal[:, None] * q2
             return phi[:, 0] if squeeze else phi
         phi = coulomb_potential_single(
@@ -176,6 +213,21 @@ class GaussianCoulombOperator:
         phi = phi + self.diagonal[:, None] * q2
         return phi[:, 0] if squeeze else phi
 
+    def apply(self, q: torch.Tensor) -> torch.Tensor:
+        """``A q`` for [N, C] charges without autograd."""
+        with torch.no_grad():
+            return self.matvec(q)
+
+    def constant_matvec(self, q: torch.Tensor) -> torch.Tensor:
+        """``A q`` [N] or [N, C] with ``A`` held constant (for detached operators).
+
+        Differentiable in ``q`` only, through the symmetry of ``A`` (its backward is another
+        product, never a graph through the electrostatics); a zero ``q`` costs nothing.
+        """
+        squeeze = q.ndim == 1
+        out = cached_matvec(self, q[:, None] if squeeze else q)
+        return out[:, 0] if squeeze else out
+
     def detached(self, dtype: Optional[torch.dtype] = None) -> "GaussianCoulombOperator":
         """The same operator on detached inputs (for solves without autograd)."""
         dtype = dtype or self.positions.dtype
@@ -190,6 +242,10 @@ class GaussianCoulombOperator:
             self.base_smearing,
             _pairs=self.pairs,
             _frozen=True,
+            # the merged real-space values when no precision is gained by recomputing them
+            _merged_values=(
+                None if self._merged is None or dtype != self._merged.dtype else self._merged.detach()
+            ),
         )
 
     def dense(self) -> torch.Tensor:
@@ -233,20 +289,27 @@ def _group_sums(x: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Te
 class SpectralPreconditioner:
     r"""Jacobi plus a k-space correction for the long-wavelength charge modes (periodic cells).
 
-    For smooth charge modes the Jacobi-scaled QEq matrix :math:`D^{-1/2} A D^{-1/2}` acts
-    like :math:`1 + \rho\,\hat C(k)/\bar d` with :math:`\hat C(k) = 4\pi k_e e^{-s^2k^2/2}/k^2`:
-    its Coulomb part grows as 1/k², so plain Jacobi-preconditioned CG needs iterations that
-    grow with the box length. This operator applies
+    A smooth charge mode :math:`q = e^{i\mathbf k\cdot\mathbf r}` is the vector
+    :math:`y = D^{1/2} q` of the Jacobi-scaled QEq matrix :math:`D^{-1/2} A D^{-1/2}`, which
+    acts on it like :math:`1 + x(k)`, :math:`x(k) = \rho\,\hat C(k)\,\langle 1/d\rangle`
+    with :math:`\hat C(k) = 4\pi k_e e^{-s^2k^2/2}/k^2`: the Coulomb part grows as 1/k², so
+    plain Jacobi-preconditioned CG needs iterations that grow with the box length. With
+    cloud-in-cell spreading ``W`` onto a mesh of about one point per atom, the weighted
+    spreading :math:`S = W D^{-1/2}/\langle 1/d\rangle^{1/2}` (so that
+    :math:`(M_\mathrm{mesh}/N) S S^\top \approx 1` on smooth mesh functions) and the mesh
+    filter :math:`H(k) = (1 + x(k))^{-1/2} - 1 \in (-1, 0]`, this operator applies
 
-    .. math:: M^{-1} r = D^{-1/2}\big(1 + \theta\,(M_\mathrm{mesh}/N)\,W^\top F W\big) D^{-1/2} r,
-              \qquad F(k) = \frac{1}{1 + \rho \hat C(k)/\bar d} - 1 \in (-1, 0],
+    .. math:: M^{-1} = D^{-1/2}\big(K^2 + \varepsilon\big) D^{-1/2}, \qquad
+              K = 1 + (M_\mathrm{mesh}/N)\, S^\top H S,
+              \qquad \varepsilon = 0.1 \min_k\, (1 + x(k))^{-1},
 
-    with cloud-in-cell spreading ``W`` onto a mesh of about one point per atom. It is
-    symmetric and only affects convergence, never the solution. Because :math:`-F \preceq f`,
-    :math:`M^{-1} \succeq D^{-1/2}(1 - \theta f (M_\mathrm{mesh}/N) W^\top W) D^{-1/2}` with
-    :math:`f = -\min_k F(k) < 1`; the damping θ = min(1, 0.98/(f λ)) with λ the largest
-    eigenvalue of :math:`(M_\mathrm{mesh}/N) W^\top W` (power iteration) keeps it positive
-    definite for any geometry and any spread of hardness, so CG never breaks down on it.
+    so smooth modes see :math:`K^2 \approx (1 + x)^{-1}`, the inverse of their Coulomb
+    stiffness, at every wavelength, and CG iterations do not grow with N. ``K`` is
+    symmetric, so :math:`K^2` is positive semidefinite for any geometry and any spread of
+    hardness, and the floor ε makes :math:`M^{-1}` positive definite by construction (its
+    smallest eigenvalue is at least :math:`\varepsilon / \max_i D_{ii}`) without damping
+    the correction; ε is a tenth of the smallest factor the correction applies, so it
+    perturbs no mode by more than 10 %. It only affects convergence, never the solution.
     """
 
     def __init__(self, operator: "GaussianCoulombOperator") -> None:
@@ -275,8 +338,8 @@ class SpectralPreconditioner:
                     idx.append((ix * shape[1] + iy) * shape[2] + iz)
                     w = (t[:, 0] if cx else 1 - t[:, 0]) * (t[:, 1] if cy else 1 - t[:, 1])
                     wts.append(w * (t[:, 2] if cz else 1 - t[:, 2]))
-        self.index = torch.stack(idx, 1)  # [N, 8]
-        self.weights = torch.stack(wts, 1)
+        index = torch.stack(idx, 1)  # [N, 8]
+        weights = torch.stack(wts, 1)
         self.mesh_points = shape[0] * shape[1] * shape[2]
         # filter on the rfft grid
         freqs = [torch.fft.fftfreq(m, d=1.0 / m, dtype=dtype, device=device) for m in shape[:2]]
@@ -285,46 +348,31 @@ class SpectralPreconditioner:
         kvec = 2.0 * math.pi * grid @ torch.linalg.inv(cell).T
         k2 = (kvec**2).sum(-1)
         width2 = 2.0 * float((operator.widths**2).mean())
-        dbar = float(d.mean())
+        inv_d = float((1.0 / d).mean())
+        # spreading weights of the Jacobi-scaled residual: a smooth *charge* mode q is
+        # y = D^½ q in the scaled space, so W acts on D^-½ y; normalised so that
+        # (M_mesh/N) S Sᵀ ≈ 1 on smooth mesh functions
+        amplitude = self.inv_sqrt_d / math.sqrt(inv_d)
+        self.spread, self.gather = assignment_matrices(index, weights * amplitude[:, None], self.mesh_points)
         rho = n / volume
         safe = torch.where(k2 > 0, k2, torch.ones_like(k2))
         coulomb = 4.0 * math.pi * COULOMB_CONSTANT * torch.exp(-0.5 * width2 * safe) / safe
-        filt = 1.0 / (1.0 + rho * coulomb / dbar) - 1.0
-        self.filter = torch.where(k2 > 0, filt, torch.zeros_like(filt))
-        self.damping = 1.0
-        deepest = float(-self.filter.min()) if self.filter.numel() else 0.0
-        if n and deepest > 0:
-            self.damping = min(1.0, 0.98 / (self._largest_mesh_eigenvalue() * deepest))
+        stiffness = torch.where(k2 > 0, 1.0 + rho * coulomb * inv_d, torch.ones_like(k2))
+        # the square root of the target factor 1/(1 + x): K is applied twice
+        self.filter = torch.rsqrt(stiffness) - 1.0
+        self.floor = 0.1 / float(stiffness.max()) if stiffness.numel() else 1.0
 
-    def _spread(self, r: torch.Tensor) -> torch.Tensor:
-        c = r.shape[1]
-        mesh = torch.zeros((self.mesh_points, c), dtype=r.dtype, device=r.device)
-        spread = (self.weights[:, :, None] * r[:, None, :]).reshape(-1, c)
-        return mesh.index_add(0, self.index.reshape(-1), spread)
-
-    def _gather(self, mesh: torch.Tensor) -> torch.Tensor:
-        return (mesh[self.index] * self.weights[:, :, None]).sum(1)
-
-    def _largest_mesh_eigenvalue(self, steps: int = 30) -> float:
-        """λ_max of (M_mesh/N) WᵀW by power iteration (an upper estimate, +2 %)."""
-        n = self.weights.shape[0]
-        v = torch.ones((n, 1), dtype=self.weights.dtype, device=self.weights.device)
-        v = v + 0.1 * torch.sin(torch.arange(n, dtype=v.dtype, device=v.device))[:, None]
-        lam = 0.0
-        for _ in range(steps):
-            w = (self.mesh_points / n) * self._gather(self._spread(v))
-            lam = float(torch.linalg.norm(w) / torch.linalg.norm(v))
-            v = w / torch.linalg.norm(w)
-        return 1.02 * lam
-
-    def __call__(self, r: torch.Tensor) -> torch.Tensor:
-        n, c = r.shape
-        y = r * self.inv_sqrt_d[:, None]
-        grid = self._spread(y).T.reshape(c, *self.shape)
+    def _apply_k(self, y: torch.Tensor) -> torch.Tensor:
+        """``K y = y + (M_mesh/N) Sᵀ H S y`` with ``S = W diag(a)`` (symmetric)."""
+        n, c = y.shape
+        grid = sparse_product(self.spread, y).T.reshape(c, *self.shape)
         filtered = torch.fft.rfftn(grid, dim=(1, 2, 3)) * self.filter
         smooth = torch.fft.irfftn(filtered, s=self.shape, dim=(1, 2, 3))
-        back = self._gather(smooth.reshape(c, -1).T)
-        y = y + self.damping * (self.mesh_points / n) * back
+        return y + (self.mesh_points / n) * sparse_product(self.gather, smooth.reshape(c, -1).T)
+
+    def __call__(self, r: torch.Tensor) -> torch.Tensor:
+        y = r * self.inv_sqrt_d[:, None]
+        y = self._apply_k(self._apply_k(y)) + self.floor * y
         return y * self.inv_sqrt_d[:, None]
 
 
@@ -432,9 +480,9 @@ class ConstrainedSolver:
         # the residual lives in the quotient by group-constant vectors (those shift the
         # Lagrange multipliers only); keeping it projected stops a large constant part
         # from swamping the inner products with rounding errors
-        r = self._project(b - op.matvec(x))
         x_start = m_inv * (t / w_sum)[group]
         a_start = op.matvec(x_start)
+        r = self._project(b - (a_start if x0 is None else op.matvec(x)))
         norm0 = torch.linalg.norm(self._project(b - a_start), dim=0)
         # a right-hand side that is constant per group moves no charge: its projected norm
         # is rounding noise, so residuals are measured against at least 1e-12 of the data
@@ -503,6 +551,8 @@ class _Solve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, solver: ConstrainedSolver) -> torch.Tensor:  # type: ignore[override]
         ctx.solver = solver
+        if not bool(x.detach().any()):
+            return torch.zeros_like(x)  # B 0 = 0 (e.g. the gradient of a stationary energy)
         return solver.solve(x).to(x.dtype)
 
     @staticmethod
@@ -606,13 +656,22 @@ def solve_qeq(
         group_charges.detach().to(torch.float64),
         x0=None if initial_guess is None else initial_guess.detach().to(torch.float64),
     ).to(dtype)
+    # A q0 with the derivatives of A in positions, cell, hardness and widths
+    a_q0 = op.matvec(q0)
     q = q0
-    for _ in range(int(newton_steps)):
-        residual = op.matvec(q) + electronegativity
+    for step in range(int(newton_steps)):
+        residual = (a_q0 if step == 0 else op.matvec(q)) + electronegativity
         q = q - _NewtonCorrection.apply(residual, frozen)
-    a_q = op.matvec(q)
-    energy = (electronegativity * q).sum() + 0.5 * (q * a_q).sum()
-    grad = (a_q + electronegativity).detach()
+    # The energy is stationary in q on the constraint surface, so its first derivatives
+    # are those at fixed charges: E(q0) with q0 a constant (no backward solve). The term
+    # −½ δqᵀA δq, δq = q − q0 (zero in value, carrying ∂q*), has zero value and first
+    # derivatives and restores the second derivatives: d²E = ∂²E(q0) − ∂q*ᵀ A ∂q*, the
+    # exact Hessian of E(q*(θ), θ) (∂²E/∂θ∂q = −A ∂q*/∂θ at the solution).
+    energy = (electronegativity * q0).sum() + 0.5 * (q0 * a_q0).sum()
+    if newton_steps > 0 and q.requires_grad:
+        dq = q - q0
+        energy = energy - 0.5 * (dq * frozen.operator.constant_matvec(dq).to(dtype)).sum()
+    grad = (a_q0 + electronegativity).detach()
     counts = torch.bincount(groups, minlength=frozen.n_groups).to(dtype)
     mu = _group_sums(grad[:, None], groups, frozen.n_groups)[:, 0] / counts
     return {
