@@ -442,3 +442,50 @@ def test_polarization_loss_is_blind_to_branch_and_sees_errors():
     shifted[1] += torch.tensor(cells[1].cell[0]) / volumes[1]
     assert abs(float(loss_fn({**batch, "polarization": shifted}, pred)) - value) < 1e-12
     assert float(((p_pred - shifted) ** 2).sum(-1).mean()) > 100 * value  # a plain loss would not be
+
+
+# ---------------------------------------------------------------- mace's fine-tuning modes
+def _max_change(before: torch.nn.Module, after: torch.nn.Module, prefix: str) -> float:
+    a = dict(before.named_parameters())
+    changes = [
+        float((a[name] - p).detach().abs().max())
+        for name, p in after.named_parameters()
+        if name.startswith(prefix)
+    ]
+    return max(changes)
+
+
+def test_freeze_trains_the_block_and_keeps_the_base(workdir):
+    cli.main(_args(workdir, "frozen", 2, ["--freeze", "7"]))
+    model = mace_lr.load(workdir / "frozen.model")
+    found = torch.load(workdir / "found.model", weights_only=False)
+    for prefix in ("node_embedding", "interactions", "products", "readouts"):
+        assert _max_change(found, model.base, prefix) == 0.0, prefix
+    assert abs(float(model.blocks["les"].coupling.detach())) > 1e-4  # the new block trained in full
+
+
+def test_lora_adapts_the_base_at_low_rank_and_trains_the_block(workdir):
+    cli.main(_args(workdir, "lora", 2, ["--lora", "True", "--lora_rank", "2"]))
+    model = mace_lr.load(workdir / "lora.model")  # LoRA merged, saved in the safe format
+    found = torch.load(workdir / "found.model", weights_only=False)
+    # upstream LoRA on the whole model would freeze the LES coupling at zero
+    assert abs(float(model.blocks["les"].coupling.detach())) > 1e-4
+    fresh = mace_lr.augment(found, {"les": {"smearing": 1.1}})
+    assert _max_change(fresh.blocks["les"], model.blocks["les"], "readout") > 1e-4
+    # a dense layer of the base moved by a rank-2 update
+    name = "interactions.0.conv_tp_weights.layer0.weight"
+    delta = dict(model.base.named_parameters())[name] - dict(found.named_parameters())[name]
+    sv = torch.linalg.svdvals(delta.detach())
+    assert float(sv[0]) > 1e-5 and float(sv[2]) < 1e-9 * float(sv[0]), sv
+    frames = ase.io.read(workdir / "train.xyz", index=":")[:2]
+    assert not torch.allclose(T.evaluate(model, frames)["energy"], T.evaluate(fresh, frames)["energy"])
+
+
+def test_stage_two_model_is_a_mace_lr_model(workdir):
+    cli.main(_args(workdir, "swa", 3, ["--stage_two", "--start_stage_two", "2"]))
+    with open(workdir / "logs" / "swa_run-1.log") as fh:
+        assert "Stage Two" in fh.read()
+    two = mace_lr.load(workdir / "swa_stagetwo.model")
+    one = mace_lr.load(workdir / "swa.model")
+    frames = ase.io.read(workdir / "train.xyz", index=":")[:3]
+    assert not torch.equal(T.evaluate(two, frames)["energy"], T.evaluate(one, frames)["energy"])

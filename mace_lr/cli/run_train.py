@@ -8,7 +8,8 @@ mace-lr adds ``--lr_blocks`` and ``--lr_config`` and hooks three places of mace'
   (identity at initialisation); when the foundation model is itself a mace-lr model its
   blocks and their weights are carried over;
 * parameter groups: every block parameter is added to the optimiser (mace's groups only
-  know its own modules — a silent trap upstream);
+  know its own modules — a silent trap upstream); ``--freeze`` and ``--lora`` act on the
+  base model only, so the new blocks always train in full;
 * the data and the loss: the applied field (``--external_field_key``) reaches the model,
   and terms on dipoles, Born effective charges, polarizabilities and polarizations (modulo
   the polarization quantum) are added when their key or weight is given; the training
@@ -567,6 +568,17 @@ def _hooks(
             )
         return base
 
+    orig_lora = rt.inject_LoRAs
+
+    def inject_LoRAs(model, *a, **k):
+        if not isinstance(model, LongRangeMACE):
+            return orig_lora(model, *a, **k)
+        # LoRA adapts the foundation model; the blocks are new and train in full (wrapped,
+        # their scalar parameters, e.g. the LES coupling, would stay frozen at zero)
+        model.base = orig_lora(model.base, *a, **k)
+        logger.info("LoRA injected into the base model; long-range blocks train all their parameters")
+        return model
+
     loaded: Dict[str, int] = {}
     handler_cls = rt.tools.CheckpointHandler
     orig_load_latest = handler_cls.load_latest
@@ -593,6 +605,7 @@ def _hooks(
         (rt, "configure_model", configure_model),
         (rt, "get_params_options", get_params_options),
         (rt, "get_loss_fn", get_loss_fn),
+        (rt, "inject_LoRAs", inject_LoRAs),
         (rt, "update_keyspec_from_kwargs", update_keyspec_from_kwargs),
         (AtomicData, "from_config", classmethod(from_config)),
         (rt.tools, "train", train),
