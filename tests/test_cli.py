@@ -489,3 +489,28 @@ def test_stage_two_model_is_a_mace_lr_model(workdir):
     one = mace_lr.load(workdir / "swa.model")
     frames = ase.io.read(workdir / "train.xyz", index=":")[:3]
     assert not torch.equal(T.evaluate(two, frames)["energy"], T.evaluate(one, frames)["energy"])
+
+
+def test_multihead_finetuning_with_replay_data(workdir, tmp_path):
+    """mace's multi-head fine-tuning (pt_head replay) through mace_lr_run_train."""
+    frames = ase.io.read(workdir / "train.xyz", index=":")
+    ase.io.write(tmp_path / "replay.xyz", frames[:6], format="extxyz")
+    argv = _args(
+        workdir, "mh", 2, ["--multiheads_finetuning", "True", "--pt_train_file", str(tmp_path / "replay.xyz")]
+    )
+    cli.main(argv)
+    model = mace_lr.load(workdir / "mh.model")
+    assert sorted(model.heads) == ["Default", "pt_head"], model.heads
+    assert abs(float(model.blocks["les"].coupling.detach())) > 1e-4
+    calc = mace_lr.MACELRCalculator(
+        model_paths=str(workdir / "mh.model"), device="cpu", default_dtype="float64"
+    )
+    energies = {}
+    for head in ("Default", "pt_head"):
+        atoms = frames[0].copy()
+        atoms.info["head"] = head
+        atoms.calc = calc
+        energies[head] = (atoms.get_potential_energy(), calc.results["lr_energy"])
+    # the heads' base energies differ; the long-range block is shared by both
+    assert energies["Default"][0] != energies["pt_head"][0]
+    assert abs(energies["Default"][1] - energies["pt_head"][1]) < 1e-12
