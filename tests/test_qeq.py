@@ -399,10 +399,15 @@ def test_spectral_preconditioner_is_positive_definite_for_a_wide_spread_of_hardn
     assert float((out["jacobi"]["charges"] - out["spectral"]["charges"]).abs().max()) < 1e-6
 
 
-def _nacl_operator(cells, rattle=0.2, seed=0, base_smearing=1.4, accuracy=1e-4):
+def _nacl_operator(cells, rattle=0.2, seed=0, base_smearing=1.4, accuracy=1e-4, shear=0.0):
     from mace_lr.electrostatics._qeq import GaussianCoulombOperator
 
     atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True) * cells
+    if shear:
+        cell = np.asarray(atoms.cell).copy()
+        cell[1] += shear * cell[0]
+        cell[2] += 0.5 * shear * cell[0] - 0.3 * shear * cell[1]
+        atoms.set_cell(cell, scale_atoms=True)
     atoms.rattle(rattle, seed=seed)
     rng = np.random.default_rng(seed)
     n = len(atoms)
@@ -438,10 +443,11 @@ def _engine_matvec(op, q):
     return phi + op.diagonal[:, None] * q
 
 
-@pytest.mark.parametrize("base_smearing", [0.0, 1.4])
-def test_cached_operator_is_the_engine_matrix(base_smearing):
-    """The precomputed P3M product used inside CG is the engine's operator, to rounding."""
-    op = _nacl_operator((4, 3, 3), base_smearing=base_smearing)  # 288 atoms: P3M, non-cubic mesh
+@pytest.mark.parametrize("base_smearing,shear", [(0.0, 0.0), (1.4, 0.0), (1.4, 0.35)])
+def test_cached_operator_is_the_engine_matrix(base_smearing, shear):
+    """The precomputed P3M product used inside CG is the engine's operator, to rounding
+    (orthorhombic and triclinic cells)."""
+    op = _nacl_operator((4, 3, 3), base_smearing=base_smearing, shear=shear)  # 288 atoms: P3M
     frozen = op.detached()
     assert frozen._cached is not None
     gen = torch.Generator().manual_seed(0)
