@@ -161,9 +161,15 @@ def _data_keys_and_elements(frames: Sequence[Any], info_keys: Sequence[str]) -> 
 
 
 def preflight(
-    args: argparse.Namespace, argv: Sequence[str], specs: Dict[str, Dict[str, Any]], foundation
+    args: argparse.Namespace,
+    weights: Dict[str, float],
+    specs: Dict[str, Dict[str, Any]],
+    foundation,
 ) -> None:
-    """Fail at start, with a message naming the problem, instead of mid-run."""
+    """Fail at start, with a message naming the problem, instead of mid-run.
+
+    ``weights`` are the run's loss terms (:func:`loss_weights`).
+    """
     from ase.data import chemical_symbols
 
     from mace_lr.registry import get_block
@@ -185,15 +191,8 @@ def preflight(
                 required.append(args.total_spin_key)
             else:
                 required.append(key)
-    weights = loss_weights(args, argv)
-    targets = {
-        "dipole": args.dipole_key,
-        "polarizability": args.polarizability_key,
-        "born_charges": args.born_charges_key,
-        "polarization": args.polarization_key,
-        "charges": args.charges_key,
-    }
-    required += [targets[name] for name, weight in weights.items() if weight > 0]
+    keys = target_keys(args)
+    required += [keys[name] for name, weight in weights.items() if weight > 0]
     if args.train_file and os.path.isfile(args.train_file) and args.train_file.endswith((".xyz", ".extxyz")):
         import ase.io
 
@@ -307,6 +306,18 @@ def loss_weights(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, flo
         "born_charges": float(args.born_charges_weight),
         "polarization": float(args.polarization_weight),
         "charges": float(args.lr_charges_weight),
+    }
+
+
+def target_keys(args: argparse.Namespace) -> Dict[str, str]:
+    """Data key of each long-range target (and of the applied field)."""
+    return {
+        "dipole": args.dipole_key,
+        "polarizability": args.polarizability_key,
+        "born_charges": args.born_charges_key,
+        "polarization": args.polarization_key,
+        "charges": args.charges_key,
+        "external_field": args.external_field_key,
     }
 
 
@@ -468,8 +479,8 @@ def _hooks(
 ):
     """Patch mace's run_train module for the duration of one run.
 
-    ``weights`` are the loss terms (:func:`loss_weights`); ``keys`` map ``external_field``,
-    ``born_charges`` and ``polarization`` to the data keys holding them.
+    ``weights`` are the loss terms (:func:`loss_weights`); ``keys`` map targets and the
+    applied field to the data keys holding them (:func:`target_keys`).
     """
     from mace.cli import run_train as rt
     from mace.data.atomic_data import AtomicData
@@ -533,19 +544,15 @@ def _hooks(
         return model, output_args
 
     def get_params_options(args, model):
-        if not isinstance(model, LongRangeMACE):
-            options = orig_params(args, model)
-            for group in options["params"]:
-                group["params"] = list(group["params"])
-            _freeze_outside(model, {id(p) for group in options["params"] for p in group["params"]})
-            return options
-        options = orig_params(args, model.base)
+        wrapped = isinstance(model, LongRangeMACE)
+        options = orig_params(args, model.base if wrapped else model)
         # mace passes some groups as generators (module.parameters()): materialise them
         # first, or collecting the ids below would exhaust them and leave those groups empty
         for group in options["params"]:
             group["params"] = list(group["params"])
         seen = {id(p) for group in options["params"] for p in group["params"]}
-        for name, block in model.blocks.items():
+        blocks = model.blocks.items() if wrapped else []
+        for name, block in blocks:
             params = [p for p in block.parameters() if id(p) not in seen]
             options["params"].append(
                 {"name": f"lr_{name}", "params": params, "weight_decay": 0.0, "lr": args.lr}
@@ -645,7 +652,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> List[str]:
 
     specs = parse_block_config(args.lr_blocks, args.lr_config)
     foundation = _read_foundation(args.foundation_model) if args.foundation_model else None
-    preflight(args, argv, specs, foundation)
+    weights = loss_weights(args, argv)
+    preflight(args, weights, specs, foundation)
     carried = None
     tmpdir = None
     if foundation is not None:
@@ -655,12 +663,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> List[str]:
         torch.save(foundation.base, base_path)
         args.foundation_model = base_path
         carried = dict(foundation.blocks.items())
-    keys = {
-        "external_field": args.external_field_key,
-        "born_charges": args.born_charges_key,
-        "polarization": args.polarization_key,
-    }
-    with _hooks(specs, carried, loss_weights(args, argv), keys, args.seed):
+    with _hooks(specs, carried, weights, target_keys(args), args.seed):
         rt.run(args)
     return _convert_outputs(args)
 
