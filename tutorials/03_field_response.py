@@ -82,15 +82,17 @@ def fine_tune(out: Path, epochs: int, args) -> Path:
 def predict(calc, frames, response: bool):
     """U, F and (with ``response``) μ, Z, α of every structure, each in its own field."""
     out = {"energy": [], "forces": [], "dipole": [], "bec": [], "alpha": []}
+    properties = ["energy", "forces"] + (["born_effective_charges", "polarizability"] if response else [])
     for atoms in frames:
         atoms = atoms.copy()
         atoms.calc = calc
-        out["energy"].append(atoms.get_potential_energy())
-        out["forces"].append(atoms.get_forces())
+        calc.calculate(atoms, properties)  # one pass: U, F, μ, Z and α together
+        out["energy"].append(calc.results["energy"])
+        out["forces"].append(calc.results["forces"])
         if response:
-            out["dipole"].append(atoms.get_dipole_moment())
-            out["bec"].append(calc.get_property("born_effective_charges", atoms))
-            out["alpha"].append(calc.get_property("polarizability", atoms))
+            out["dipole"].append(calc.results["dipole"])
+            out["bec"].append(calc.results["born_effective_charges"])
+            out["alpha"].append(calc.results["polarizability"])
     return out
 
 
