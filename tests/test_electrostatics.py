@@ -237,3 +237,80 @@ def test_float32_cell_gradients_under_float64_default(method):
         assert g_pos.dtype == torch.float32 and bool(torch.isfinite(g_cell).all())
     finally:
         torch.set_default_dtype(previous)
+
+
+@pytest.mark.parametrize("pbc", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_coincident_gaussian_sites_are_finite_and_smooth(pbc, dtype):
+    """A Gaussian on top of another (a Wannier centroid on its ion) has the finite pair
+    energy k_e q1 q2 √(2/π)/σ and zero, finite forces; a tiny separation changes it by
+    O(r²). Before the clamp the gradient was NaN and float32 lost the real-space term.
+    """
+    sigma = 0.8
+    cell = torch.eye(3, dtype=torch.float64) * 9.0
+    base = torch.tensor(
+        [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [4.2, 3.1, 5.0], [6.0, 6.5, 2.2]], dtype=torch.float64
+    )
+    q = torch.tensor([6.0, -8.0, 1.0, 1.0], dtype=torch.float64)
+
+    def energy(pos, d):
+        return coulomb_energy(
+            pos.to(d), q.to(d), cell.to(d) if pbc else None, pbc, smearing=sigma, accuracy=1e-8
+        )
+
+    pos = base.clone().to(dtype).requires_grad_(True)
+    e = energy(pos, dtype)
+    (grad,) = torch.autograd.grad(e, pos)
+    e = e.detach()
+    assert torch.isfinite(grad).all()
+    shifted = base.clone()
+    shifted[1, 0] += 1e-6
+    e_ref = energy(shifted, torch.float64)
+    tol = 1e-7 if dtype == torch.float64 else 1e-4
+    assert abs(float(e) - float(e_ref)) <= tol * abs(float(e_ref)), (float(e), float(e_ref))
+    # the coincident pair contributes its limit k_e q1 q2 √(2/π)/σ to the exact pair sum
+    if not pbc:
+        exact = 0.0
+        for i in range(4):
+            for j in range(i + 1, 4):
+                r = float(torch.linalg.norm(base[i] - base[j]))
+                v = (
+                    math.sqrt(2.0 / math.pi) / sigma
+                    if r == 0.0
+                    else math.erf(r / (math.sqrt(2.0) * sigma)) / r
+                )
+                exact += COULOMB_CONSTANT * float(q[i] * q[j]) * v
+        assert abs(float(e) - exact) <= tol * abs(exact), (float(e), exact)
+    # gradient on the coincident pair: the other charges pull both, the pair itself adds nothing
+    g_ref = torch.autograd.functional.jacobian(lambda p: energy(p, torch.float64), shifted)
+    assert float((grad.double() - g_ref).abs().max()) <= (1e-5 if dtype == torch.float64 else 1e-2)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1.0])
+def test_energy_and_forces_continuous_as_a_pair_crosses_the_real_space_cutoff(sigma):
+    """Shifted-force truncation: no jump of k_e q_i q_j v_sr(r_c) when a pair leaves the
+    real-space cutoff (it broke finite differences for large ion/centroid charges)."""
+    positions, q, cell = random_box(100, density=0.05, seed=3)
+    q[0], q[1] = 7.0, -8.0
+    params = _engine._cached_parameters(cell, 100, sigma, 1e-3, "ewald")
+    assert 0.0 < params.rcut < 0.8 * float(cell[0, 0])
+    value, _ = _kernels._short_range_value_and_slope(params.rcut, sigma, params.split)
+    jump = COULOMB_CONSTANT * 56.0 * value  # what plain truncation would add
+    assert jump > 1e-6
+
+    def energy_and_force(r):
+        pos = positions.clone()
+        pos[1] = pos[0] + torch.tensor([r, 0.0, 0.0], dtype=torch.float64)
+        pos.requires_grad_(True)
+        e = coulomb_energy(pos, q, cell, True, smearing=sigma or None, accuracy=1e-3, method="ewald")
+        (g,) = torch.autograd.grad(e, pos)
+        return float(e.detach()), g[1, 0].item()
+
+    h = 1e-7
+    e_in, g_in = energy_and_force(params.rcut - h)
+    e_out, g_out = energy_and_force(params.rcut + h)
+    assert abs(e_out - e_in - 0.5 * (g_in + g_out) * 2 * h) < 1e-3 * jump
+    # the force changes smoothly too: the step across r_c matches the step just inside it
+    _, slope = _kernels._short_range_value_and_slope(params.rcut, sigma, params.split)
+    _, g_in2 = energy_and_force(params.rcut - 3 * h)
+    assert abs((g_out - g_in) - (g_in - g_in2)) < 1e-3 * COULOMB_CONSTANT * 56.0 * abs(slope)

@@ -21,13 +21,15 @@ import numpy as np
 import torch
 
 from ._kernels import (
+    COINCIDENT_R2,
     COULOMB_CONSTANT,
     EwaldParameters,
     cell_volume,
     choose_parameters,
     ewald_reciprocal_potential,
     pair_kernel,
-    short_range_kernel,
+    safe_distance,
+    truncated_short_range_kernel,
 )
 
 logger = logging.getLogger(__name__)
@@ -121,7 +123,7 @@ def _neighbor_pairs(
     j_t = torch.as_tensor(j.astype(np.int64), device=device)
     s_t = torch.as_tensor(shifts, dtype=positions.dtype, device=device)
     vec = positions[j_t] - positions[i_t] + s_t @ cell
-    return torch.stack([i_t, j_t], dim=1), torch.linalg.norm(vec, dim=-1)
+    return torch.stack([i_t, j_t], dim=1), safe_distance(vec)
 
 
 def _real_space(
@@ -135,7 +137,7 @@ def _real_space(
     if params.rcut <= 0.0:
         return torch.zeros_like(charges)
     pairs, dist = _neighbor_pairs(positions, cell, params.rcut, periodic)
-    v = short_range_kernel(dist, smearing, params.split)[:, None]
+    v = truncated_short_range_kernel(dist, smearing, params.split, params.rcut)[:, None]
     i, j = pairs[:, 0], pairs[:, 1]
     phi = torch.zeros_like(charges)
     phi = phi.index_add(0, i, v * charges[j])
@@ -217,7 +219,7 @@ def _open_potential(positions: torch.Tensor, charges: torch.Tensor, smearing: fl
         # exclude i == j without creating NaNs in the backward pass
         self_mask = torch.zeros(stop - start, n, dtype=torch.bool, device=positions.device)
         self_mask[torch.arange(stop - start, device=positions.device), idx] = True
-        r2 = (diff * diff).sum(-1)
+        r2 = torch.clamp((diff * diff).sum(-1), min=COINCIDENT_R2)  # coincident Gaussian sites
         r = torch.sqrt(torch.where(self_mask, torch.ones_like(r2), r2))
         v = torch.where(self_mask, torch.zeros_like(r), pair_kernel(r, smearing))
         out.append(v @ charges)

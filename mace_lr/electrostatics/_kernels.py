@@ -37,6 +37,20 @@ def cell_volume(cell: torch.Tensor) -> torch.Tensor:
     return torch.abs((cell[..., 0, :] * torch.linalg.cross(cell[..., 1, :], cell[..., 2, :])).sum(-1))
 
 
+#: Squared distance (Å²) below which two sites count as coincident. Gaussian charges on top
+#: of each other (a Wannier centroid on its ion, a core and its shell) have a finite,
+#: smooth pair energy; their distance is clamped here so that the gradient of ``|r|``
+#: (undefined at 0) never enters the backward pass. The clamp changes ``v`` by a relative
+#: ``(r/σ)²/6 < 1e-13`` for any σ ≥ 0.1 Å.
+COINCIDENT_R2 = 1e-12
+
+
+def safe_distance(vec: torch.Tensor) -> torch.Tensor:
+    """``|vec|`` over the last axis with a zero gradient for coincident sites (Å)."""
+    r2 = (vec * vec).sum(-1)
+    return torch.sqrt(torch.clamp(r2, min=COINCIDENT_R2))
+
+
 def pair_kernel(r: torch.Tensor, smearing: float) -> torch.Tensor:
     """Full pair kernel ``v(r)`` in 1/Å for point (``smearing=0``) or Gaussian charges."""
     if smearing > 0.0:
@@ -45,11 +59,51 @@ def pair_kernel(r: torch.Tensor, smearing: float) -> torch.Tensor:
 
 
 def short_range_kernel(r: torch.Tensor, smearing: float, split: float) -> torch.Tensor:
-    """Real-space part ``v(r) - erf(r/(√2 s))/r`` of the Ewald split, 1/Å."""
-    lr = torch.erfc(r / (_SQRT2 * split))
+    """Real-space part ``v(r) - erf(r/(√2 s))/r`` of the Ewald split, 1/Å.
+
+    For Gaussian charges this is ``[erf(r/√2σ) - erf(r/√2s)]/r``: written with ``erf``
+    below ``r = 2σ`` (at small ``r`` the ``erfc`` difference cancels catastrophically,
+    which matters for coincident Gaussian sites in float32) and with ``erfc`` above it
+    (where the ``erf`` difference would).
+    """
+    x_split = r / (_SQRT2 * split)
     if smearing > 0.0:
-        lr = lr - torch.erfc(r / (_SQRT2 * smearing))
-    return lr / r
+        x_sigma = r / (_SQRT2 * smearing)
+        near = torch.erf(x_sigma) - torch.erf(x_split)
+        far = torch.erfc(x_split) - torch.erfc(x_sigma)
+        return torch.where(r < 2.0 * smearing, near, far) / r
+    return torch.erfc(x_split) / r
+
+
+def _short_range_value_and_slope(r: float, smearing: float, split: float) -> Tuple[float, float]:
+    """``v_sr(r)`` and ``dv_sr/dr`` at one distance (Python floats, 1/Å and 1/Å²)."""
+    a_split = _SQRT2 * split
+    f = -math.erf(r / a_split)
+    df = -2.0 / (math.sqrt(math.pi) * a_split) * math.exp(-((r / a_split) ** 2))
+    if smearing > 0.0:
+        a_sigma = _SQRT2 * smearing
+        f += math.erf(r / a_sigma)
+        df += 2.0 / (math.sqrt(math.pi) * a_sigma) * math.exp(-((r / a_sigma) ** 2))
+    else:
+        f += 1.0
+    return f / r, df / r - f / (r * r)
+
+
+def truncated_short_range_kernel(r: torch.Tensor, smearing: float, split: float, rcut: float) -> torch.Tensor:
+    r"""The real-space kernel as summed: shifted-force truncation at ``rcut``, 1/Å.
+
+    .. math:: v_\mathrm{sf}(r) = v_\mathrm{sr}(r) - v_\mathrm{sr}(r_c)
+              - (r - r_c)\, v_\mathrm{sr}'(r_c) \quad (r < r_c), \qquad 0 \ \text{beyond},
+
+    so energy and forces stay continuous when a pair crosses the cutoff (plain truncation
+    makes the energy jump by :math:`k_e q_i q_j v_\mathrm{sr}(r_c)`, which for the large
+    ion and centroid charges of a Wannier model breaks finite-difference forces and
+    energy conservation). The correction is of the size of the truncation error that the
+    choice of ``rcut`` already accepts.
+    """
+    value, slope = _short_range_value_and_slope(rcut, smearing, split)
+    v = short_range_kernel(r, smearing, split) - value - (r - rcut) * slope
+    return torch.where(r < rcut, v, torch.zeros_like(v))
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ from ._engine import (
     coulomb_potential_single,
     validate_inputs,
 )
-from ._kernels import COULOMB_CONSTANT, short_range_kernel
+from ._kernels import COULOMB_CONSTANT, truncated_short_range_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class GaussianCoulombOperator:
         dist = torch.linalg.norm(vec, dim=-1)
         values = torch.zeros_like(dist)
         if params.rcut > 0:
-            values = torch.where(dist < params.rcut, short_range_kernel(dist, s0, params.split), values)
+            values = truncated_short_range_kernel(dist, s0, params.split, params.rcut)
         gamma = torch.sqrt(self.widths[i] ** 2 + self.widths[j] ** 2)
         base = torch.erf(dist / (_SQRT2 * s0)) if s0 > 0 else torch.ones_like(dist)
         correction = (torch.erf(dist / (_SQRT2 * gamma)) - base) / dist
