@@ -43,6 +43,18 @@ def scalar_feature_indices(irreps: str) -> List[int]:
     return idx
 
 
+def vector_feature_indices(irreps: str) -> List[int]:
+    """Column indices of the vector (1o) channels, ordered [channel, xyz] (e3nn's layout)."""
+    idx: List[int] = []
+    start = 0
+    for mul, ir in o3.Irreps(irreps):
+        width = mul * ir.dim
+        if ir.l == 1 and ir.p == -1:
+            idx.extend(range(start, start + width))
+        start += width
+    return idx
+
+
 def base_atomic_numbers(model: torch.nn.Module) -> List[int]:
     return [int(z) for z in model.atomic_numbers.tolist()]
 

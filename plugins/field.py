@@ -31,27 +31,15 @@ field: a local, single-valued quantity, also in periodic cells.
 
 import logging
 import math
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, Sequence
 
 import torch
-from e3nn import o3
 
 from mace_lr import LongRangeBlock
-from mace_lr._mace_adapter import scalar_feature_indices
+from mace_lr._equivariant import bessel_wavenumbers, feature_vectors, neighbour_vectors
+from mace_lr._mace_adapter import scalar_feature_indices, vector_feature_indices
 
 logger = logging.getLogger(__name__)
-
-
-def _vector_feature_indices(irreps: str) -> List[int]:
-    """Column indices of the 1o channels, ordered [channel, xyz] (e3nn's layout)."""
-    idx: List[int] = []
-    start = 0
-    for mul, ir in o3.Irreps(irreps):
-        width = mul * ir.dim
-        if ir.l == 1 and ir.p == -1:
-            idx.extend(range(start, start + width))
-        start += width
-    return idx
 
 
 class FieldBlock(LongRangeBlock):
@@ -102,14 +90,11 @@ class FieldBlock(LongRangeBlock):
         scalars = scalar_feature_indices(feature_irreps)
         if not scalars:
             raise ValueError(f"feature irreps {feature_irreps!r} have no invariant (0e) channels")
-        vectors = _vector_feature_indices(feature_irreps)
+        vectors = vector_feature_indices(feature_irreps)
         self.register_buffer("scalar_index", torch.tensor(scalars, dtype=torch.int64), persistent=False)
         self.register_buffer("vector_index", torch.tensor(vectors, dtype=torch.int64), persistent=False)
         self.num_feature_vectors = len(vectors) // 3
-        self.register_buffer(
-            "bessel_k",
-            torch.arange(1, self.num_basis + 1, dtype=torch.get_default_dtype()) * math.pi / self.r_max,
-        )
+        self.register_buffer("bessel_k", bessel_wavenumbers(self.num_basis, self.r_max))
         # radial weights of each neighbour element: [n_elements] -> [K, num_basis]
         self.radial = torch.nn.Linear(n_elements, self.num_vectors * self.num_basis, bias=False)
         torch.nn.init.normal_(self.radial.weight, std=1.0 / math.sqrt(self.num_basis))
@@ -132,27 +117,10 @@ class FieldBlock(LongRangeBlock):
     def atomic_vectors(self, ctx: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Equivariant vectors u_ik [n_atoms, K, 3], Å."""
         positions = ctx["positions"]
-        sender = ctx["edge_index"][0]
-        receiver = ctx["edge_index"][1]
-        vec = positions[receiver] - positions[sender] + ctx["shifts"]
-        r = torch.linalg.norm(vec, dim=-1)
-        x = (r / self.r_max).clamp(max=1.0)
-        # smooth polynomial envelope (value and first two derivatives vanish at r_max)
-        envelope = 1.0 - 10.0 * x**3 + 15.0 * x**4 - 6.0 * x**5
-        k = self.bessel_k.to(positions.dtype)
-        basis = torch.sin(k[None, :] * r[:, None]) / (k[None, :] * r[:, None]).clamp(min=1e-9)
-        basis = basis * envelope[:, None]
-        w = self.radial(ctx["node_attrs"].to(positions.dtype))[receiver]
-        w = w.view(-1, self.num_vectors, self.num_basis)
-        radial = (w * basis[:, None, :]).sum(-1)  # [n_edges, K]
-        contrib = radial[:, :, None] * vec[:, None, :]
-        u = torch.zeros(
-            (positions.shape[0], self.num_vectors, 3), dtype=positions.dtype, device=positions.device
-        )
-        u = u.index_add(0, sender, contrib)
+        weights = self.radial(ctx["node_attrs"].to(positions.dtype))
+        u = neighbour_vectors(ctx, weights, self.bessel_k, self.r_max)
         if self.num_feature_vectors > 0:
-            v = ctx["node_feats"][:, self.vector_index].to(positions.dtype)
-            v = v.view(-1, self.num_feature_vectors, 3).transpose(1, 2)  # [n_atoms, 3, C]
+            v = feature_vectors(ctx["node_feats"], self.vector_index, positions.dtype)
             u = u + self.vector_mix(v).transpose(1, 2)
         return u
 
