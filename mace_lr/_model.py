@@ -112,8 +112,10 @@ class LongRangeMACE(torch.nn.Module):
         Returns:
             ``energy`` [G] eV, ``base_energy`` [G], ``lr_energy`` [G], ``forces`` [N, 3]
             eV/Å, ``virials``/``stress`` [G, 3, 3] (eV, eV/Å³), ``charges`` [N] e when a
-            block provides them, response tensors when requested, and per-block extras
-            named ``<block>_<key>``.
+            block provides them, ``wannier_centroids`` [N, 3] Å and
+            ``wannier_centroid_mask`` [N] (atoms that carry a centroid) when a block predicts
+            centroids, response tensors when requested, and per-block extras named
+            ``<block>_<key>``.
         """
         data = dict(data)
         extra = self.__dict__.get("training_responses", ())
@@ -190,11 +192,22 @@ class LongRangeMACE(torch.nn.Module):
         out: Dict[str, Optional[torch.Tensor]] = {}
         lr_energy = torch.zeros(num_graphs, dtype=dtype, device=device)
         charges: Optional[torch.Tensor] = None
+        centroid_block: Optional[str] = None
         for name, block in self.blocks.items():
             result = block(ctx)
             lr_energy = lr_energy + result["energy"]
             for key, value in result.items():
                 out[f"{name}_{key}"] = value
+            if "centroids" in result:
+                # one name for the Wannier centroids whatever the block is called (losses,
+                # calculator and eval_configs read it)
+                if centroid_block is not None:
+                    raise RuntimeError(
+                        f"blocks {centroid_block!r} and {name!r} both predict Wannier centroids"
+                    )
+                centroid_block = name
+                out["wannier_centroids"] = result["centroids"]
+                out["wannier_centroid_mask"] = result["centroid_mask"]
             if "charges" in result:
                 charges = result["charges"] if charges is None else charges + result["charges"]
         energy = base_energy + lr_energy

@@ -29,6 +29,7 @@ _BASIC = [
     "polarization",
     "lr_energy",
     "electrode_charge",
+    "wannier_centroids",
 ]
 #: Properties that need second derivatives; computed only when asked for.
 _RESPONSE = ["born_effective_charges", "polarizability"]
@@ -46,8 +47,9 @@ class MACELRCalculator(Calculator):
     Results (ASE names and units): ``energy`` eV, ``forces`` eV/Å, ``stress`` (Voigt,
     eV/Å³, periodic cells), ``charges`` e, ``dipole`` e·Å, ``polarization`` e/Å²
     (periodic; on the branch of the positions as given), ``born_effective_charges``
-    [N, 3, 3] e with ``Z[i, α, β] = ∂F_iβ/∂E_α``, ``polarizability`` [3, 3] e·Å²/V, and
-    ``lr_energy`` (the blocks' share) plus ``<block>_energy`` extras.
+    [N, 3, 3] e with ``Z[i, α, β] = ∂F_iβ/∂E_α``, ``polarizability`` [3, 3] e·Å²/V,
+    ``wannier_centroids`` [N, 3] Å (a block that predicts centroids; NaN rows for atoms
+    without one), and ``lr_energy`` (the blocks' share) plus ``<block>_energy`` extras.
 
     Args:
         model_paths: path of a model saved by :func:`mace_lr.save` (or a one-element list),
@@ -148,6 +150,10 @@ class MACELRCalculator(Calculator):
             res["born_effective_charges"] = out["born_effective_charges"].detach().cpu().numpy()
         if want_pol:
             res["polarizability"] = out["polarizability"].detach().cpu().numpy()[0]
+        if out.get("wannier_centroids") is not None:
+            centroids = out["wannier_centroids"].detach().cpu().numpy().copy()
+            centroids[~out["wannier_centroid_mask"].detach().cpu().numpy()] = np.nan
+            res["wannier_centroids"] = centroids
         electrode = [v for k, v in out.items() if k.endswith("_electrode_charge") and v is not None]
         if electrode:
             res["electrode_charge"] = float(sum(v.detach()[0] for v in electrode))

@@ -2,7 +2,8 @@
 
 Like mace's ``mace_eval_configs``: writes ``{prefix}energy``, ``{prefix}forces``,
 ``{prefix}stress`` (periodic) and, from the long-range blocks, ``{prefix}charges``,
-``{prefix}lr_energy``, ``{prefix}dipole``, ``{prefix}polarization`` (periodic) and, with
+``{prefix}lr_energy``, ``{prefix}dipole``, ``{prefix}polarization`` (periodic),
+``{prefix}wannier_centroids`` ([N, 3] Å, NaN rows for atoms without a centroid) and, with
 ``--compute_bec``, ``{prefix}born_effective_charges`` (flattened [N, 9]) and with
 ``--compute_polarizability``, ``{prefix}polarizability`` (flattened 9, e·Å²/V). Each structure
 is evaluated in its own ``atoms.info["external_field"]`` (V/Å), if any.
@@ -67,6 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if "charges" in res:
             atoms.arrays[f"{p}charges"] = res["charges"]
         atoms.info[f"{p}dipole"] = np.asarray(res["dipole"])
+        if "wannier_centroids" in res:
+            atoms.arrays[f"{p}wannier_centroids"] = res["wannier_centroids"]
         if "electrode_charge" in res:
             atoms.info[f"{p}electrode_charge"] = res["electrode_charge"]
         if "polarization" in res:
