@@ -35,7 +35,7 @@ import mace  # noqa: F401  (before e3nn)
 import torch
 
 from mace_lr.electrostatics._kernels import cell_volume
-from mace_lr.response import dipole_minimum_image, polarization_loss
+from mace_lr.response import dipole_minimum_image, polarization_minimum_image
 
 logger = logging.getLogger(__name__)
 
@@ -347,6 +347,9 @@ class LongRangeLoss(torch.nn.Module):
     μ/Ω (e/Å²) modulo e·a_k/Ω (:func:`mace_lr.response.polarization_loss`), so a reference
     on another polarization branch costs nothing. Z (e) and α (e·Å²/V) are the model's
     ``born_effective_charges`` and ``polarizability`` (second derivatives of its energy).
+    Under ``--distributed`` every average is over the whole global batch (mace's
+    ``reduce_loss``, as for mace's own terms), so the averaged DDP gradient is that of one
+    process holding all ranks' structures.
 
     Args:
         base_loss: mace's loss module.
@@ -379,6 +382,8 @@ class LongRangeLoss(torch.nn.Module):
         return value
 
     def forward(self, ref, pred, ddp: Optional[bool] = None) -> torch.Tensor:
+        from mace.modules.loss import reduce_loss  # global mean under DDP, plain mean otherwise
+
         loss = (
             self.base_loss(ref=ref, pred=pred, ddp=ddp)
             if ddp is not None
@@ -391,14 +396,16 @@ class LongRangeLoss(torch.nn.Module):
             delta = dipole - ref["dipole"].view(-1, 3)
             # a periodic cell's dipole (Ω P) is defined modulo e·a_k: compare at the minimum image
             delta = dipole_minimum_image(delta, cell, pbc)
-            loss = loss + self.dipole_weight * torch.mean(delta**2)
+            loss = loss + self.dipole_weight * reduce_loss(delta**2, ddp)
         if self.born_charges_weight > 0:
             z = self._predicted(pred, "born_effective_charges", "Born-charge")
-            loss = loss + self.born_charges_weight * torch.mean((z - ref["born_charges"].view(-1, 3, 3)) ** 2)
+            loss = loss + self.born_charges_weight * reduce_loss(
+                (z - ref["born_charges"].view(-1, 3, 3)) ** 2, ddp
+            )
         if self.polarizability_weight > 0:
             alpha = self._predicted(pred, "polarizability", "polarizability")
             delta = alpha - ref["polarizability"].view(-1, 3, 3)
-            loss = loss + self.polarizability_weight * torch.mean(delta**2)
+            loss = loss + self.polarizability_weight * reduce_loss(delta**2, ddp)
         if self.polarization_weight > 0:
             dipole = self._predicted(pred, "dipole", "polarization")
             volume = cell_volume(cell.to(dipole.dtype))
@@ -406,9 +413,11 @@ class LongRangeLoss(torch.nn.Module):
                 raise RuntimeError("a polarization loss needs periodic cells with a volume")
             p_pred = dipole / volume[:, None]
             p_ref = ref["polarization"].view(-1, 3).to(dipole.dtype)
-            loss = loss + self.polarization_weight * polarization_loss(p_pred, p_ref, cell, pbc)
+            # polarization_loss per structure, averaged over the global batch under DDP
+            sq = (polarization_minimum_image(p_pred - p_ref, cell, pbc) ** 2).sum(-1)
+            loss = loss + self.polarization_weight * reduce_loss(sq, ddp)
         if self.charges_weight > 0:
-            loss = loss + self.charges_weight * torch.mean((pred["charges"] - ref["charges"]) ** 2)
+            loss = loss + self.charges_weight * reduce_loss((pred["charges"] - ref["charges"]) ** 2, ddp)
         return loss
 
     def __repr__(self) -> str:
@@ -469,6 +478,59 @@ class _EpochSeededLoader:
         return getattr(self._loader, name)
 
 
+def _distributed_patches(rt, state: Dict[str, Any]) -> List[Any]:
+    """Patches that let mace's ``--distributed`` run on CPU, with ``state["rank"]`` recorded.
+
+    mace initialises a process group only for ``--device cuda`` (nccl) and ``xpu`` (ccl),
+    and wraps the model as ``DDP(model, device_ids=[local_rank])``, which is meant for one
+    accelerator per process. With ``--device cpu`` a ``gloo`` group is initialised
+    (``init_method="env://"``) right after mace has read the rank, and CPU modules are
+    wrapped without ``device_ids``. DDP runs with ``find_unused_parameters=False`` (mace's
+    choice): a block parameter multiplied by a zero coupling (a fresh LES block) is still in
+    the graph and gets a zero gradient, which DDP reduces like any other; only parameters
+    that no forward pass reaches would need the flag.
+
+    Under DDP mace shuffles with ``DistributedSampler`` (seeded by ``--seed``) and calls
+    ``set_epoch(epoch)`` before every epoch, so each epoch's split and order depend only on
+    (seed, epoch, world size): a restart on the same number of processes sees the batches
+    of the uninterrupted run (:class:`_EpochSeededLoader` is not needed there; 2 CPU ranks,
+    3 epochs straight vs 2 + ``--restart_latest``: identical checkpoints).
+    """
+    orig_init = rt.init_distributed
+    orig_ddp = rt.DDP
+
+    def init_distributed(args):
+        rank, local_rank, world_size = orig_init(args)
+        state["rank"] = rank
+        if args.distributed and args.launcher != "none" and not torch.distributed.is_initialized():
+            if args.device == "cpu":
+                torch.distributed.init_process_group(
+                    backend="gloo", init_method="env://", rank=rank, world_size=world_size
+                )
+                # mace's logger is set up after this call: say it when the model is wrapped
+                state["note"] = (
+                    f"gloo process group initialised for --device cpu (rank {rank} of {world_size})"
+                )
+        if rank != 0:
+            # mace silences non-zero ranks with a filter on the root logger, which records
+            # of named loggers bypass ("__main__" is this module under python -m)
+            state["levels"] = {name: logging.getLogger(name).level for name in ("mace_lr", logger.name)}
+            for name in state["levels"]:
+                logging.getLogger(name).setLevel(logging.WARNING)
+        return rank, local_rank, world_size
+
+    def ddp(module, *a, **k):
+        note = state.pop("note", None)
+        if note:
+            logger.info(note)
+        if all(p.device.type == "cpu" for p in module.parameters()):
+            k.pop("device_ids", None)
+            logger.info("DistributedDataParallel on CPU: model wrapped without device_ids")
+        return orig_ddp(module, *a, **k)
+
+    return [(rt, "init_distributed", init_distributed), (rt, "DDP", ddp)]
+
+
 @contextlib.contextmanager
 def _hooks(
     specs: Dict[str, Dict[str, Any]],
@@ -480,7 +542,8 @@ def _hooks(
     """Patch mace's run_train module for the duration of one run.
 
     ``weights`` are the loss terms (:func:`loss_weights`); ``keys`` map targets and the
-    applied field to the data keys holding them (:func:`target_keys`).
+    applied field to the data keys holding them (:func:`target_keys`). Yields a dict
+    that holds this process's ``rank`` once mace has read it (0 without ``--distributed``).
     """
     from mace.cli import run_train as rt
     from mace.data.atomic_data import AtomicData
@@ -618,10 +681,16 @@ def _hooks(
         (rt.tools, "train", train),
         (handler_cls, "load_latest", load_latest),
     ]
+    state: Dict[str, Any] = {"rank": 0}
+    patches += _distributed_patches(rt, state)
     with contextlib.ExitStack() as stack:
         for owner, attr, replacement in patches:
             stack.enter_context(mock.patch.object(owner, attr, replacement))
-        yield
+        try:
+            yield state
+        finally:
+            for name, level in state.get("levels", {}).items():
+                logging.getLogger(name).setLevel(level)
 
 
 def _convert_outputs(args: argparse.Namespace) -> List[str]:
@@ -663,8 +732,11 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> List[str]:
         torch.save(foundation.base, base_path)
         args.foundation_model = base_path
         carried = dict(foundation.blocks.items())
-    with _hooks(specs, carried, weights, target_keys(args), args.seed):
+    with _hooks(specs, carried, weights, target_keys(args), args.seed) as state:
         rt.run(args)
+    if state["rank"] != 0:
+        # mace saves the .model files on rank 0 before its last barrier; rank 0 rewrites them
+        return []
     return _convert_outputs(args)
 
 
