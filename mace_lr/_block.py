@@ -48,6 +48,12 @@ class LongRangeBlock(torch.nn.Module):
     name: ClassVar[str] = ""
     #: Context keys the block needs the data to provide explicitly (e.g. ``total_charge``).
     required_inputs: ClassVar[Sequence[str]] = ()
+    #: Whether the block's ``charges`` are partial charges that may be fitted to reference
+    #: charges (``--lr_charges_weight``); latent or fixed charges are not.
+    accepts_charge_targets: ClassVar[bool] = False
+    #: Whether the block returns ``centroids`` [n_atoms, 3] Å and ``centroid_mask`` [n_atoms]
+    #: (Wannier centroids, trained with ``--wannier_centroids_weight``).
+    predicts_wannier_centroids: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -22,7 +22,13 @@ import torch
 
 from .electrostatics._kernels import cell_volume
 
-__all__ = ["dipole_minimum_image", "polarization_minimum_image", "polarization_loss", "polarization_quantum"]
+__all__ = [
+    "centroid_minimum_image",
+    "dipole_minimum_image",
+    "polarization_minimum_image",
+    "polarization_loss",
+    "polarization_quantum",
+]
 
 
 def polarization_quantum(cell: torch.Tensor) -> torch.Tensor:
@@ -99,6 +105,37 @@ def dipole_minimum_image(
     nonzero = cell.detach().abs().sum(-1) > 0
     pbc = nonzero if pbc is None else pbc.view(-1, 3).to(torch.bool) & nonzero
     return _minimum_image(delta, cell, pbc)
+
+
+def centroid_minimum_image(delta: torch.Tensor, cells: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
+    """Position differences per atom [n, 3] Å reduced by the nearest lattice vector.
+
+    A Wannier centroid (or any point) in a periodic cell is defined modulo the lattice;
+    a reference file may hold it in another image. Rounding the fractional coordinates
+    along the periodic directions gives the minimum image whenever the true difference is
+    shorter than half of every cell height (centroids sit a fraction of an Å from
+    their atom).
+
+    Args:
+        delta: differences [n, 3], Å.
+        cells: the cell of each row [n, 3, 3], Å (rows are lattice vectors; zeros for molecules).
+        pbc: periodic directions of each row [n, 3].
+    """
+    if delta.dim() != 2 or delta.shape[-1] != 3 or cells.shape != (delta.shape[0], 3, 3):
+        raise ValueError(
+            f"centroid differences [n, 3] need cells [n, 3, 3], "
+            f"got {tuple(delta.shape)} and {tuple(cells.shape)}"
+        )
+    flags = pbc.view(-1, 3).to(torch.bool) & (cells.detach().abs().sum(-1) > 0)
+    rows = flags.any(-1)
+    if not bool(rows.any()):
+        return delta
+    cell = cells[rows].detach()
+    frac = torch.einsum("ni,nij->nj", delta[rows].detach(), torch.linalg.pinv(cell))
+    shift = torch.round(frac) * flags[rows].to(delta.dtype)
+    out = delta.clone()
+    out[rows] = delta[rows] - torch.einsum("nj,nji->ni", shift, cell)
+    return out
 
 
 def polarization_loss(

@@ -124,6 +124,8 @@ class QEqBlock(LongRangeBlock):
 
     name = "qeq"
     required_inputs = ("total_charge",)
+    #: equilibrated charges are partial charges: 4G-HDNNPs fit them to reference charges
+    accepts_charge_targets = True
 
     def __init__(
         self,

@@ -98,6 +98,7 @@ class WannierBlock(LongRangeBlock):
     """
 
     name = "wannier"
+    predicts_wannier_centroids = True
 
     def __init__(
         self,

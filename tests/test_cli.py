@@ -514,3 +514,155 @@ def test_multihead_finetuning_with_replay_data(workdir, tmp_path):
     # the heads' base energies differ; the long-range block is shared by both
     assert energies["Default"][0] != energies["pt_head"][0]
     assert abs(energies["Default"][1] - energies["pt_head"][1]) < 1e-12
+
+
+# ---------------------------------------------------------------- Wannier centroids, QEq charges
+WANNIER = {"centroid_electrons": {"Cl": 8}}
+
+
+@pytest.fixture(scope="module")
+def wannierwork(tmp_path_factory):
+    """NaCl clusters labelled by a Wannier teacher: E, F, μ and Cl centroids (NaN on Na rows)."""
+    d = tmp_path_factory.mktemp("cli_wannier")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        teacher = T.perturb_blocks(
+            mace_lr.augment(T.make_test_model(seed=5), {"wannier": WANNIER}), scale=0.5
+        )
+    finally:
+        torch.set_default_dtype(previous)
+    frames = _frames(teacher, n=12, seed=3)
+    for at in frames:
+        out = T.evaluate(teacher, [at])
+        w = out["wannier_centroids"].numpy().copy()
+        w[~out["wannier_centroid_mask"].numpy()] = np.nan
+        at.arrays["REF_wannier_centroids"] = w
+        at.info["REF_dipole"] = out["dipole"][0].numpy()
+    ase.io.write(d / "train.xyz", frames, format="extxyz")
+    torch.save(T.make_test_model(seed=0), d / "found.model")
+    return d
+
+
+def _wannier_args(d, name, epochs, extra=()):
+    argv = _args(d, name, epochs, extra)
+    argv[argv.index("les")] = "wannier"
+    argv[argv.index('{"smearing": 1.1}')] = '{"centroid_electrons": {"Cl": 8}}'
+    return argv
+
+
+def _centroid_rmse(model, frames):
+    err = []
+    for at in frames:
+        out = T.evaluate(model, [at])
+        mask = out["wannier_centroid_mask"].numpy()
+        err.append(out["wannier_centroids"].numpy()[mask] - at.arrays["REF_wannier_centroids"][mask])
+    return float(np.sqrt(np.mean(np.concatenate(err) ** 2)))
+
+
+def test_wannier_targets_are_checked_at_start(wannierwork, capsys, tmp_path):
+    d = wannierwork
+    # a loss on centroids needs a block that predicts them
+    _fails_with(_args(d, "bad", 1, ["--wannier_centroids_weight", "1"]), capsys, "predicts Wannier centroids")
+    # block options are checked before mace loads anything
+    argv = _wannier_args(d, "bad", 1)
+    argv[argv.index('{"centroid_electrons": {"Cl": 8}}')] = "{}"
+    _fails_with(argv, capsys, "block 'wannier': the wannier block needs `centroid_electrons`")
+    # the key must exist and have one row per atom
+    argv = _wannier_args(d, "bad", 1, ["--wannier_centroids_key", "W", "--wannier_centroids_weight", "1"])
+    _fails_with(argv, capsys, "lack the key 'W'")
+    frames = ase.io.read(d / "train.xyz", index=":")
+    for at in frames:
+        at.arrays["W1"] = at.arrays["REF_wannier_centroids"][:, :1]
+    ase.io.write(tmp_path / "w1.xyz", frames, format="extxyz")
+    argv = _wannier_args(d, "bad", 1, ["--wannier_centroids_key", "W1", "--wannier_centroids_weight", "1"])
+    argv[argv.index(str(d / "train.xyz"))] = str(tmp_path / "w1.xyz")
+    _fails_with(argv, capsys, "must have shape [n_atoms, 3]")
+
+
+def test_finetune_on_wannier_centroids(wannierwork):
+    """The wannier block fine-tuned on the teacher's centroids moves its centroids onto them;
+    NaN rows (Na, no centroid) are read and ignored."""
+    d = wannierwork
+    frames = ase.io.read(d / "train.xyz", index=":")
+    assert np.isnan(frames[0].arrays["REF_wannier_centroids"][frames[0].numbers == 11]).all()
+    start = mace_lr.augment(torch.load(d / "found.model", weights_only=False), {"wannier": WANNIER})
+    e0 = _centroid_rmse(start, frames)
+    assert e0 > 0.05  # the teacher's centroids sit well off the atoms
+    extra = ["--wannier_centroids_weight", "100", "--energy_weight", "0.01", "--forces_weight", "0.01"]
+    cli.main(_wannier_args(d, "wc", 8, extra))
+    model = mace_lr.load(d / "wc.model")
+    e1 = _centroid_rmse(model, frames)
+    assert e1 < 0.5 * e0, (e0, e1)
+    from mace_lr.cli import eval_configs
+
+    eval_configs.main(
+        ["--configs", str(d / "train.xyz"), "--model", str(d / "wc.model"), "--output", str(d / "o.xyz")]
+    )
+    out = ase.io.read(d / "o.xyz", index=":")
+    na = out[0].numbers == 11
+    assert np.isnan(out[0].arrays["MACE_wannier_centroids"][na]).all()
+    direct = T.evaluate(model, frames[:1])["wannier_centroids"].numpy()
+    assert np.allclose(out[0].arrays["MACE_wannier_centroids"][~na], direct[~na], atol=1e-7)
+
+
+def test_centroid_loss_is_blind_to_lattice_images():
+    """A reference centroid stored in another periodic image costs nothing; a real error does."""
+    cell = torch.tensor(bulk("NaCl", "rocksalt", a=5.64).cell[:])  # triclinic primitive cell
+    pred = torch.tensor([[0.1, -0.2, 0.05], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    ref = pred + torch.stack([cell[0] - 2 * cell[2], cell[1]])
+    loss = cli.LongRangeLoss(lambda ref, pred: torch.zeros(()), wannier_centroids_weight=1.0)
+    batch = {
+        "cell": cell.repeat(2, 1),
+        "pbc": torch.ones(2, 3, dtype=torch.bool),
+        "batch": torch.tensor([0, 1]),
+        "wannier_centroids": ref,
+        "wannier_centroids_present": torch.ones(2, dtype=torch.float64),
+    }
+    pred_out = {"wannier_centroids": pred, "wannier_centroid_mask": torch.tensor([True, True])}
+    assert float(loss(batch, pred_out)) < 1e-24
+    pred_out["wannier_centroids"] = pred + torch.tensor(
+        [[0.1, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64
+    )
+    assert abs(float(loss(batch, pred_out)) - 0.01 / 6) < 1e-12
+    # molecules (zero cell, no pbc) are compared as they are
+    batch["cell"] = torch.zeros(6, 3, dtype=torch.float64)
+    batch["pbc"] = torch.zeros(2, 3, dtype=torch.bool)
+    assert float(loss(batch, pred_out)) > 1.0
+
+
+def test_finetune_qeq_on_reference_charges(workdir, tmp_path):
+    """--lr_charges_weight fits QEq charges (partial charges, as in 4G-HDNNPs) to REF_charges."""
+    torch.manual_seed(0)
+    teacher = T.perturb_blocks(mace_lr.augment(T.make_test_model(seed=5), "qeq"), scale=0.3)
+    frames = ase.io.read(workdir / "train.xyz", index=":")
+    for at in frames:
+        at.arrays["REF_charges"] = T.evaluate(teacher, [at])["charges"].numpy()
+    ase.io.write(tmp_path / "q.xyz", frames, format="extxyz")
+
+    def charge_rmse(model):
+        got = np.concatenate([T.evaluate(model, [at])["charges"].numpy() for at in frames])
+        ref = np.concatenate([at.arrays["REF_charges"] for at in frames])
+        return float(np.sqrt(np.mean((got - ref) ** 2)))
+
+    start = mace_lr.augment(torch.load(workdir / "found.model", weights_only=False), "qeq")
+    q0 = charge_rmse(start)
+    assert q0 > 0.02
+    argv = _args(workdir, "qeq_q", 6, ["--lr_charges_weight", "100", "--total_charge_key", "charge"])
+    argv[argv.index("les")] = "qeq"
+    argv[argv.index('{"smearing": 1.1}')] = "{}"
+    argv[argv.index(str(workdir / "train.xyz"))] = str(tmp_path / "q.xyz")
+    cli.main(argv)
+    q1 = charge_rmse(mace_lr.load(workdir / "qeq_q.model"))
+    assert q1 < 0.5 * q0, (q0, q1)
+
+
+def test_lr_config_flat_or_per_block(tmp_path):
+    flat = cli.parse_block_config("wannier", '{"centroid_electrons": {"O": 8}, "smearing": 1.2}')
+    assert flat == {"wannier": {"centroid_electrons": {"O": 8}, "smearing": 1.2}}
+    (tmp_path / "lr.yaml").write_text("les:\n  smearing: 1.5\nwannier:\n  centroid_electrons: {O: 8}\n")
+    nested = cli.parse_block_config("les, wannier", str(tmp_path / "lr.yaml"))
+    assert nested == {"les": {"smearing": 1.5}, "wannier": {"centroid_electrons": {"O": 8}}}
+    with pytest.raises(ValueError, match=r"options for block\(s\) \['qeq'\] not listed"):
+        cli.parse_block_config("les,wannier", '{"les": {}, "qeq": {}}')

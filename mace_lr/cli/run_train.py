@@ -11,9 +11,14 @@ mace-lr adds ``--lr_blocks`` and ``--lr_config`` and hooks three places of mace'
   know its own modules — a silent trap upstream); ``--freeze`` and ``--lora`` act on the
   base model only, so the new blocks always train in full;
 * the data and the loss: the applied field (``--external_field_key``) reaches the model,
-  and terms on dipoles, Born effective charges, polarizabilities and polarizations (modulo
-  the polarization quantum) are added when their key or weight is given; the training
-  forward pass then computes those field responses by autograd.
+  and terms on dipoles, Born effective charges, polarizabilities, polarizations (modulo
+  the polarization quantum), Wannier centroids (at the minimum image) and, for blocks
+  whose charges are partial charges (qeq), reference charges are added when their key or
+  weight is given; the training forward pass then computes those field responses by
+  autograd;
+* ``--distributed`` on CPU: mace initialises a process group only for CUDA/XPU; mace-lr
+  starts a ``gloo`` group and wraps the model in DDP without device ids, so the same
+  ``torchrun`` command trains on CPU nodes (and is tested on two CPU ranks).
 
 At the end the ``.model`` files mace wrote are rewritten in mace-lr's safe format, which
 ``mace_lr.load`` and ``MACELRCalculator`` read.
@@ -35,7 +40,7 @@ import mace  # noqa: F401  (before e3nn)
 import torch
 
 from mace_lr.electrostatics._kernels import cell_volume
-from mace_lr.response import dipole_minimum_image, polarization_minimum_image
+from mace_lr.response import centroid_minimum_image, dipole_minimum_image, polarization_minimum_image
 
 logger = logging.getLogger(__name__)
 
@@ -93,11 +98,25 @@ def build_parser() -> argparse.ArgumentParser:
         "periodic lattice vector (minimum image); (e/Å^2)^-2",
     )
     group.add_argument(
+        "--wannier_centroids_key",
+        type=str,
+        default="REF_wannier_centroids",
+        help="atoms.arrays key of Wannier centroids (Å, [N, 3]: the centroid of each atom's Wannier "
+        "centres; NaN rows for atoms without one), for blocks that predict centroids (wannier)",
+    )
+    group.add_argument(
+        "--wannier_centroids_weight",
+        type=float,
+        default=0.0,
+        help="weight of the Wannier-centroid loss (mean squared error per component over atoms "
+        "with a centroid, Å^-2; periodic cells at the minimum image)",
+    )
+    group.add_argument(
         "--lr_charges_weight",
         type=float,
         default=0.0,
-        help="weight of a loss on REF_charges (--charges_key); only for blocks whose charges are "
-        "physical observables (never LES latent charges)",
+        help="weight of a loss on REF_charges (--charges_key); only for blocks whose charges may "
+        "be fitted to a charge partition (qeq, as in 4G-HDNNPs; never LES latent charges)",
     )
     parser.epilog = (
         "mace-lr reads mace's --dipole_key/--dipole_weight and --polarizability_key/"
@@ -129,7 +148,7 @@ def parse_block_config(lr_blocks: Optional[str], lr_config: Optional[str]) -> Di
         if not isinstance(config, dict):
             raise ValueError(f"--lr_config must hold a mapping, got {type(config).__name__}")
     if config and names and not set(config) <= set(names):
-        if len(names) == 1 and not any(isinstance(v, dict) for v in config.values()):
+        if len(names) == 1:  # a flat {option: value} mapping (values may be mappings too)
             config = {names[0]: config}
         else:
             extra = sorted(set(config) - set(names))
@@ -179,11 +198,13 @@ def preflight(
         cls = get_block(name)  # unknown names raise with suggestions
         if args.lr_charges_weight > 0 and not getattr(cls, "accepts_charge_targets", False):
             raise ValueError(
-                f"--lr_charges_weight > 0 but block {name!r} predicts latent charges, which are not "
-                "physical partial charges; fitting them to a charge partition is not supported"
+                f"--lr_charges_weight > 0 but block {name!r} does not predict partial charges that "
+                "may be fitted to a charge partition (LES predicts latent charges, the wannier block "
+                "fixed ion-minus-centroid charges); only qeq accepts charge targets"
             )
         if not isinstance(options, dict):
             raise ValueError(f"options of block {name!r} must be a mapping, got {options!r}")
+        _check_block_options(name, cls, options, args, foundation)
         for key in getattr(cls, "required_inputs", ()):
             if key == "total_charge":
                 required.append(args.total_charge_key)
@@ -191,6 +212,15 @@ def preflight(
                 required.append(args.total_spin_key)
             else:
                 required.append(key)
+    if weights["wannier_centroids"] > 0:
+        blocks = {name: get_block(name) for name in specs}
+        if foundation is not None:
+            blocks.update({name: type(block) for name, block in foundation.blocks.items()})
+        if not any(getattr(cls, "predicts_wannier_centroids", False) for cls in blocks.values()):
+            raise ValueError(
+                f"--wannier_centroids_weight > 0 but none of the blocks {sorted(blocks)} predicts "
+                "Wannier centroids; attach one with --lr_blocks wannier"
+            )
     keys = target_keys(args)
     required += [keys[name] for name, weight in weights.items() if weight > 0]
     if args.train_file and os.path.isfile(args.train_file) and args.train_file.endswith((".xyz", ".extxyz")):
@@ -231,6 +261,26 @@ def preflight(
                     )
 
 
+def _check_block_options(name: str, cls: type, options: Dict[str, Any], args, foundation) -> None:
+    """Build the block once on stand-in features so that bad options fail before training.
+
+    The real block is built after mace has loaded the data and the model; a missing or
+    misspelt option would otherwise stop the run only then.
+    """
+    if foundation is not None:
+        elements = [int(z) for z in foundation.atomic_numbers.tolist()]
+    elif args.foundation_model is not None and os.path.isfile(args.foundation_model):
+        elements = _foundation_elements(args, None) or []
+    else:
+        elements = []
+    if not elements:
+        return  # elements come from mace (data or a named foundation model): checked when built
+    try:
+        cls(feature_irreps="4x0e+4x1o", atomic_numbers=elements, r_max=5.0, **options)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"block {name!r}: {exc}") from exc
+
+
 def _check_target_shapes(
     frames: Sequence[Any], path: str, args: argparse.Namespace, weights: Dict[str, float]
 ) -> None:
@@ -260,6 +310,13 @@ def _check_target_shapes(
                 raise ValueError(
                     f"structure {index} of {path} is not periodic, so it has no polarization; "
                     "train molecules on --dipole_key instead"
+                )
+        if weights["wannier_centroids"] > 0:
+            w = np.asarray(atoms.arrays[args.wannier_centroids_key], dtype=float)
+            if w.shape != (len(atoms), 3):
+                raise ValueError(
+                    f"structure {index} of {path}: atoms.arrays[{args.wannier_centroids_key!r}] must "
+                    f"have shape [n_atoms, 3] (Å; NaN rows for atoms without a centroid), got {w.shape}"
                 )
         if args.external_field_key in atoms.info and np.size(atoms.info[args.external_field_key]) != 3:
             raise ValueError(
@@ -306,6 +363,7 @@ def loss_weights(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, flo
         "born_charges": float(args.born_charges_weight),
         "polarization": float(args.polarization_weight),
         "charges": float(args.lr_charges_weight),
+        "wannier_centroids": float(args.wannier_centroids_weight),
     }
 
 
@@ -317,6 +375,7 @@ def target_keys(args: argparse.Namespace) -> Dict[str, str]:
         "born_charges": args.born_charges_key,
         "polarization": args.polarization_key,
         "charges": args.charges_key,
+        "wannier_centroids": args.wannier_centroids_key,
         "external_field": args.external_field_key,
     }
 
@@ -340,6 +399,7 @@ class LongRangeLoss(torch.nn.Module):
               + w_\alpha \langle (\alpha_{ab} - \alpha_{ab}^\mathrm{ref})^2 \rangle
               + w_P \langle |P - P_\mathrm{ref}|^2_\mathrm{min.\ image} \rangle
               + w_q \langle (q_i - q_{i,\mathrm{ref}})^2 \rangle
+              + w_W \langle |\mathbf W_i - \mathbf W_{i,\mathrm{ref}}|^2_\mathrm{min.\ image} \rangle
 
     Averages run over components (dipole, Z, α) or structures (P). For periodic structures
     the dipole (Ω P, e·Å) is compared at the minimum image modulo e·a_k along each periodic
@@ -365,6 +425,7 @@ class LongRangeLoss(torch.nn.Module):
         born_charges_weight: float = 0.0,
         polarizability_weight: float = 0.0,
         polarization_weight: float = 0.0,
+        wannier_centroids_weight: float = 0.0,
     ):
         super().__init__()
         self.base_loss = base_loss
@@ -373,6 +434,7 @@ class LongRangeLoss(torch.nn.Module):
         self.born_charges_weight = float(born_charges_weight)
         self.polarizability_weight = float(polarizability_weight)
         self.polarization_weight = float(polarization_weight)
+        self.wannier_centroids_weight = float(wannier_centroids_weight)
 
     @staticmethod
     def _predicted(pred, key: str, term: str) -> torch.Tensor:
@@ -418,7 +480,29 @@ class LongRangeLoss(torch.nn.Module):
             loss = loss + self.polarization_weight * reduce_loss(sq, ddp)
         if self.charges_weight > 0:
             loss = loss + self.charges_weight * reduce_loss((pred["charges"] - ref["charges"]) ** 2, ddp)
+        if self.wannier_centroids_weight > 0:
+            loss = loss + self.wannier_centroids_weight * self._centroid_loss(ref, pred, cell, pbc, ddp)
         return loss
+
+    def _centroid_loss(self, ref, pred, cell, pbc, ddp: Optional[bool]) -> torch.Tensor:
+        """Mean squared centroid error per component over atoms with a predicted and a
+        reference centroid (global mean under DDP), periodic cells at the minimum image.
+        """
+        centroids = self._predicted(pred, "wannier_centroids", "Wannier-centroid")
+        mask = pred["wannier_centroid_mask"].to(centroids.dtype) * ref["wannier_centroids_present"].view(-1)
+        delta = centroids - ref["wannier_centroids"].view(-1, 3).to(centroids.dtype)
+        batch = ref["batch"]
+        flags = pbc.view(-1, 3) if pbc is not None else cell.detach().abs().sum(-1) > 0
+        delta = centroid_minimum_image(delta, cell.to(delta.dtype)[batch], flags.view(-1, 3)[batch])
+        total = (delta**2 * mask[:, None]).sum()
+        count = 3.0 * mask.sum().detach()
+        if ddp and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank joins the reduction, also one whose batch has no centroid
+            world = torch.distributed.get_world_size()
+            count = count.clone()
+            torch.distributed.all_reduce(count)
+            return total * world / count.clamp(min=1.0)
+        return total / count.clamp(min=1.0)
 
     def __repr__(self) -> str:
         terms = ", ".join(
@@ -429,6 +513,7 @@ class LongRangeLoss(torch.nn.Module):
                 "born_charges_weight",
                 "polarizability_weight",
                 "polarization_weight",
+                "wannier_centroids_weight",
             )
             if getattr(self, name) > 0
         )
@@ -562,6 +647,8 @@ def _hooks(
         if weights.get("polarization", 0.0) > 0:
             info["polarization"] = keys["polarization"]
         arrays = {"born_charges": keys["born_charges"]} if weights.get("born_charges", 0.0) > 0 else {}
+        if weights.get("wannier_centroids", 0.0) > 0:
+            arrays["wannier_centroids"] = keys["wannier_centroids"]
         return keyspec.update(info_keys=info, arrays_keys=arrays)
 
     orig_from_config = AtomicData.from_config.__func__
@@ -583,6 +670,14 @@ def _hooks(
             data.polarization = (
                 torch.zeros(1, 3, dtype=dtype) if p is None else torch.tensor(p, dtype=dtype).view(1, 3)
             )
+        if weights.get("wannier_centroids", 0.0) > 0:
+            w = config.properties.get("wannier_centroids")
+            w = torch.full((n, 3), float("nan"), dtype=dtype) if w is None else torch.tensor(w, dtype=dtype)
+            w = w.view(n, 3)
+            # rows without a reference centroid (NaN) are masked out of the loss
+            present = torch.isfinite(w).all(-1)
+            data.wannier_centroids = torch.where(present[:, None], w, torch.zeros_like(w))
+            data.wannier_centroids_present = present.to(dtype)
         return data
 
     orig_configure = rt.configure_model
@@ -635,6 +730,7 @@ def _hooks(
                 born_charges_weight=weights.get("born_charges", 0.0),
                 polarizability_weight=weights.get("polarizability", 0.0),
                 polarization_weight=weights.get("polarization", 0.0),
+                wannier_centroids_weight=weights.get("wannier_centroids", 0.0),
             )
         return base
 
