@@ -99,3 +99,35 @@ def test_field_response_fast(tmp_path):
     assert drift < 1.0 and sum_z < 1e-6, md
     assert (out_dir / "parity.png").stat().st_size > 10_000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["field"], "files written outside --out"
+
+
+def test_wannier_centroids_fast(tmp_path):
+    """Tutorial 4: wannier block fine-tuned on B3LYP water clusters, centroids explicit or from dipoles."""
+    out_dir = tmp_path / "wannier"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, str(TUTORIALS / "04_wannier_centroids.py"), "--fast", "--out", str(out_dir)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode == 0, f"tutorial failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    rows = {}
+    for line in (out_dir / "summary.txt").read_text().splitlines():
+        for name in ("fresh block", "fine-tuned, dipoles only", "fine-tuned, centroids + dipoles"):
+            if line.startswith(name):
+                rows[name] = [float(x) for x in line.split()[-5:]]
+    assert set(rows) == {"fresh block", "fine-tuned, dipoles only", "fine-tuned, centroids + dipoles"}
+    w_fresh, _, mu_fresh, _, f_fresh = rows["fresh block"]
+    w_exp, _, mu_exp, _, f_exp = rows["fine-tuned, centroids + dipoles"]
+    w_imp, _, mu_imp, _, _ = rows["fine-tuned, dipoles only"]
+    # a fresh block leaves each centroid on its oxygen (|W-R| ~ 0.1 Å off) and the formal-charge dipole
+    assert w_fresh > 0.03 and mu_fresh > 0.3
+    assert w_exp < 0.25 * w_fresh and mu_exp < 0.25 * mu_fresh, rows
+    # dipoles alone already place the centroids (one centroid per water molecule)
+    assert w_imp < 0.5 * w_fresh and mu_imp < 0.25 * mu_fresh, rows
+    assert f_exp < f_fresh, rows
+    assert (out_dir / "parity.png").stat().st_size > 10_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wannier"], "files written outside --out"

@@ -27,9 +27,6 @@ What it does (on ``data/field_*.xyz``, GFN2-xTB molecules in applied fields, see
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,8 +39,6 @@ DATA = ROOT / "data"
 
 def fine_tune(out: Path, epochs: int, args) -> Path:
     """``mace_lr_run_train --lr_blocks field`` with a progress bar over epochs."""
-    from tqdm import tqdm
-
     cmd = [
         sys.executable, "-m", "mace_lr.cli.run_train",
         "--name", "water_field",
@@ -62,20 +57,9 @@ def fine_tune(out: Path, epochs: int, args) -> Path:
         "--model_dir", str(out), "--checkpoints_dir", str(out / "checkpoints"),
         "--log_dir", str(out / "logs"), "--results_dir", str(out / "results"), "--work_dir", str(out),
     ]  # fmt: skip
-    log = out / "fine_tune.stdout"
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    with open(log, "w") as fh, tqdm(total=epochs, desc="field fine-tune", unit="epoch") as bar:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=out)
-        done = 0
-        while proc.poll() is None:
-            time.sleep(1.0)
-            seen = len(set(re.findall(r"INFO: Epoch (\d+):", log.read_text(errors="replace"))))
-            bar.update(seen - done)
-            done = seen
-    if proc.returncode != 0:
-        raise SystemExit(
-            f"fine-tuning failed (exit {proc.returncode}); end of {log}:\n{log.read_text()[-3000:]}"
-        )
+    from _progress import run_with_progress
+
+    run_with_progress({"fine_tune": (cmd, "field fine-tune")}, out, epochs, threads=args.threads)
     return out / "water_field.model"
 
 
