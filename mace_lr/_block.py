@@ -31,6 +31,16 @@ CONTEXT_KEYS: Dict[str, str] = {
 }
 
 
+def straight_through_coupling(a: torch.Tensor) -> torch.Tensor:
+    """Coupling ``γ = max(a, 0)`` whose gradient is that of ``a`` everywhere.
+
+    Blocks that start silent (``a = 0``) and must be able to switch on take their energy
+    scale from this: γ is never negative, and ``a`` still gets the gradient that asks for
+    more (or less) of the block when γ is clamped at 0.
+    """
+    return a + (torch.clamp(a, min=0.0) - a).detach()
+
+
 class LongRangeBlock(torch.nn.Module):
     """Base class of every long-range block.
 

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Sequence
 import torch
 
 from mace_lr import LongRangeBlock
+from mace_lr._block import straight_through_coupling
 from mace_lr._mace_adapter import scalar_feature_indices
 from mace_lr.electrostatics import coulomb_potential
 
@@ -96,8 +97,7 @@ class LESBlock(LongRangeBlock):
 
     def gamma(self) -> torch.Tensor:
         """Coupling γ = max(a, 0), with the gradient of ``a`` passed straight through."""
-        a = self.coupling
-        return a + (torch.clamp(a, min=0.0) - a).detach()
+        return straight_through_coupling(self.coupling)
 
     def physical_scale(self) -> torch.Tensor:
         """``√γ`` (0 while γ = 0, with a zero gradient there)."""

@@ -42,6 +42,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from mace_lr import LongRangeBlock
+from mace_lr._block import straight_through_coupling
 from mace_lr._equivariant import bessel_wavenumbers, feature_vectors, neighbour_vectors
 from mace_lr._mace_adapter import scalar_feature_indices, vector_feature_indices
 from mace_lr.electrostatics import coulomb_potential
@@ -203,8 +204,7 @@ class WannierBlock(LongRangeBlock):
 
     def gamma(self) -> torch.Tensor:
         """Coupling γ = max(a, 0), with the gradient of ``a`` passed straight through."""
-        a = self.coupling
-        return a + (torch.clamp(a, min=0.0) - a).detach()
+        return straight_through_coupling(self.coupling)
 
     def displacements(self, ctx: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Centroid displacements d_i [n_atoms, 3], Å (zero for atoms without a centroid)."""
