@@ -55,6 +55,16 @@ def vector_feature_indices(irreps: str) -> List[int]:
     return idx
 
 
+def foundation_model_names() -> List[str]:
+    """Names ``mace_run_train --foundation_model`` resolves itself (downloaded or cached)."""
+    from mace.calculators import foundations_models as fm
+
+    names = [str(n) for n in getattr(fm, "mace_mp_names", []) if n is not None]
+    names += list(getattr(fm, "polar_model_names", []))
+    names += ["small_off", "medium_off", "large_off", "mace_omol"]
+    return sorted(set(names))
+
+
 def base_atomic_numbers(model: torch.nn.Module) -> List[int]:
     return [int(z) for z in model.atomic_numbers.tolist()]
 

@@ -151,6 +151,16 @@ def test_missing_data_key_fails_at_start(workdir, capsys):
     _fails_with(_args(workdir, "bad", 1, ["--lr_charges_weight", "1.0"]), capsys, "latent charges")
 
 
+def test_unknown_foundation_model_fails_at_start(workdir, capsys):
+    argv = _args(workdir, "bad", 1)
+    argv[argv.index(str(workdir / "found.model"))] = str(workdir / "no_such.model")
+    _fails_with(argv, capsys, "is neither a model file nor a name mace resolves (")
+    # names mace downloads or finds in its cache pass the check (mace resolves them itself)
+    from mace_lr._mace_adapter import foundation_model_names
+
+    assert {"small", "medium", "medium-mpa-0", "small_off"} <= set(foundation_model_names())
+
+
 def test_foundation_elements_must_cover_data(workdir, capsys, tmp_path):
     frames = ase.io.read(workdir / "train.xyz", index=":")
     frames[0].numbers[0] = 8

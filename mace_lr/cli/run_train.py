@@ -193,6 +193,15 @@ def preflight(
 
     from mace_lr.registry import get_block
 
+    if args.foundation_model is not None and not os.path.isfile(args.foundation_model):
+        from mace_lr._mace_adapter import foundation_model_names
+
+        names = foundation_model_names()
+        if args.foundation_model not in names:
+            raise ValueError(
+                f"--foundation_model {args.foundation_model!r} is neither a model file nor a name mace "
+                f"resolves ({', '.join(names)})"
+            )
     required: List[str] = []
     for name, options in specs.items():
         cls = get_block(name)  # unknown names raise with suggestions
