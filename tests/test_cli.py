@@ -308,6 +308,8 @@ def test_help_lists_response_flags():
         "--polarization_weight",
         "--polarizability_key",
         "--polarizability_weight",
+        "--wannier_centroids_key",
+        "--wannier_centroids_weight",
     ):
         assert flag in text
 
@@ -676,3 +678,24 @@ def test_lr_config_flat_or_per_block(tmp_path):
     assert nested == {"les": {"smearing": 1.5}, "wannier": {"centroid_electrons": {"O": 8}}}
     with pytest.raises(ValueError, match=r"options for block\(s\) \['qeq'\] not listed"):
         cli.parse_block_config("les,wannier", '{"les": {}, "qeq": {}}')
+
+
+def test_config_yaml_carries_mace_lr_flags(workdir, tmp_path):
+    """mace's --config YAML sets the mace-lr flags too, and switches their loss terms on."""
+    (tmp_path / "run.yaml").write_text(
+        'lr_blocks: wannier\nlr_config: \'{"centroid_electrons": {"Cl": 8}}\'\n'
+        "dipole_weight: 2.5\nwannier_centroids_weight: 7.0\n"
+    )
+    argv = [
+        a
+        for a in _args(workdir, "cfg", 1)
+        if a not in ("--lr_blocks", "les", "--lr_config", '{"smearing": 1.1}')
+    ]
+    argv += ["--config", str(tmp_path / "run.yaml")]
+    args = cli.build_parser().parse_args(argv)
+    assert cli.parse_block_config(args.lr_blocks, args.lr_config) == {
+        "wannier": {"centroid_electrons": {"Cl": 8}}
+    }
+    weights = cli.loss_weights(args, argv)
+    assert weights["dipole"] == 2.5 and weights["wannier_centroids"] == 7.0
+    assert cli.loss_weights(cli.build_parser().parse_args(argv[:-2]), argv[:-2])["dipole"] == 0.0
