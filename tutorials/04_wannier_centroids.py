@@ -26,7 +26,7 @@ forces, dipoles and Boys-localised Wannier centroids from PySCF, see ``data/READ
    charges O −2, H +1) and to the spread of the data;
 3. writes ``parity.png`` and ``summary.txt``.
 
-    python tutorials/04_wannier_centroids.py          # about 6 minutes on 2 CPU cores
+    python tutorials/04_wannier_centroids.py          # about 4 minutes on 2 CPU cores
     python tutorials/04_wannier_centroids.py --fast   # about a minute (used by the tests)
 """
 
