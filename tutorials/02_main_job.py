@@ -23,9 +23,6 @@ What it does (all on the data shipped in ``data/``, see ``data/README.md``):
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,7 +44,7 @@ def _command(name: str, out: Path, epochs: int, les: bool, args) -> list:
         "--E0s", "foundation",
         "--energy_weight", "100.0", "--forces_weight", "10.0",
         "--max_num_epochs", str(epochs), "--batch_size", "4", "--valid_batch_size", "20",
-        "--lr", str(args.lr), "--scheduler_patience", "5",
+        "--lr", str(args.lr), "--scheduler_patience", "5", "--ema", "--ema_decay", "0.99",
         "--device", "cpu", "--default_dtype", "float64", "--seed", str(args.seed), "--pin_memory", "False",
         "--model_dir", str(out), "--checkpoints_dir", str(out / "checkpoints"),
         "--log_dir", str(out / "logs"), "--results_dir", str(out / "results"), "--work_dir", str(out),
@@ -60,33 +57,16 @@ def _command(name: str, out: Path, epochs: int, les: bool, args) -> list:
 
 def train_both(out: Path, epochs: int, args) -> tuple:
     """Run both fine-tunes (mace_lr_run_train) side by side, one core each, with progress bars."""
-    from tqdm import tqdm
+    from _progress import run_with_progress
 
-    runs = {"dimers_les": True, "dimers_sr": False}
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs, bars, logs, done = {}, {}, {}, {}
-    for position, (name, les) in enumerate(runs.items()):
-        logs[name] = out / f"{name}.stdout"
-        label = "LES fine-tune        " if les else "short-range fine-tune"
-        bars[name] = tqdm(total=epochs, desc=label, unit="epoch", position=position)
-        with open(logs[name], "w") as fh:
-            procs[name] = subprocess.Popen(
-                _command(name, out, epochs, les, args), stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=out
-            )
-        done[name] = 0
-    while any(p.poll() is None for p in procs.values()):
-        time.sleep(1.0)
-        for name in runs:
-            seen = len(set(re.findall(r"INFO: Epoch (\d+):", logs[name].read_text(errors="replace"))))
-            if seen > done[name]:
-                bars[name].update(seen - done[name])
-                done[name] = seen
-    for bar in bars.values():
-        bar.close()
-    for name, proc in procs.items():
-        if proc.returncode != 0:
-            tail = logs[name].read_text(errors="replace")[-3000:]
-            raise SystemExit(f"{name} failed (exit {proc.returncode}); end of {logs[name]}:\n{tail}")
+    run_with_progress(
+        {
+            "dimers_les": (_command("dimers_les", out, epochs, True, args), "LES fine-tune        "),
+            "dimers_sr": (_command("dimers_sr", out, epochs, False, args), "short-range fine-tune"),
+        },
+        out,
+        epochs,
+    )
     return out / "dimers_les.model", out / "dimers_sr.model"
 
 
@@ -214,9 +194,10 @@ def main() -> None:
             "ko",
             label="GFN2-xTB",
         )
-        for name, style in zip(results, ("s:", "^--", "v-")):
+        # markers only: neighbouring separations are different molecules and orientations
+        for name, style in zip(results, ("s", "^", "v")):
             b = results[name]["pred"][2]
-            ax.plot(r[order], b[np.array(idx)[order]], style, label=name, alpha=0.8)
+            ax.plot(r[order], b[np.array(idx)[order]], style, ms=5, label=name, alpha=0.7)
         ax.axhline(0.0, color="grey", lw=0.5)
         ax.set_xlabel("centre-of-mass separation (Å)")
         ax.set_ylabel("binding energy (eV)")
