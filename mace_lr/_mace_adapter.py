@@ -31,28 +31,26 @@ def base_feature_irreps(model: torch.nn.Module) -> str:
     return str(irreps)
 
 
-def scalar_feature_indices(irreps: str) -> List[int]:
-    """Column indices of the invariant (0e) channels in a feature vector with ``irreps``."""
+def _feature_indices(irreps: str, l: int, p: int) -> List[int]:  # noqa: E741
+    """Column indices of the channels of irrep (l, p), in e3nn's [channel, m] layout."""
     idx: List[int] = []
     start = 0
     for mul, ir in o3.Irreps(irreps):
         width = mul * ir.dim
-        if ir.l == 0 and ir.p == 1:
+        if ir.l == l and ir.p == p:
             idx.extend(range(start, start + width))
         start += width
     return idx
+
+
+def scalar_feature_indices(irreps: str) -> List[int]:
+    """Column indices of the invariant (0e) channels in a feature vector with ``irreps``."""
+    return _feature_indices(irreps, 0, 1)
 
 
 def vector_feature_indices(irreps: str) -> List[int]:
     """Column indices of the vector (1o) channels, ordered [channel, xyz] (e3nn's layout)."""
-    idx: List[int] = []
-    start = 0
-    for mul, ir in o3.Irreps(irreps):
-        width = mul * ir.dim
-        if ir.l == 1 and ir.p == -1:
-            idx.extend(range(start, start + width))
-        start += width
-    return idx
+    return _feature_indices(irreps, 1, -1)
 
 
 def foundation_model_names() -> List[str]:

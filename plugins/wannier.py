@@ -206,8 +206,8 @@ class WannierBlock(LongRangeBlock):
         """Coupling γ = max(a, 0), with the gradient of ``a`` passed straight through."""
         return straight_through_coupling(self.coupling)
 
-    def displacements(self, ctx: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """Centroid displacements d_i [n_atoms, 3], Å (zero for atoms without a centroid)."""
+    def displacements(self, ctx: Dict[str, torch.Tensor], carrier: torch.Tensor) -> torch.Tensor:
+        """Centroid displacements d_i [n_atoms, 3], Å (zero where ``carrier`` [n_atoms] is False)."""
         positions = ctx["positions"]
         dtype = positions.dtype
         u = neighbour_vectors(ctx, self.radial(ctx["node_attrs"].to(dtype)), self.bessel_k, self.r_max)
@@ -216,8 +216,6 @@ class WannierBlock(LongRangeBlock):
             u = u + self.vector_mix(v).transpose(1, 2)
         g = self.vector_weights(ctx["node_feats"][:, self.scalar_index].to(dtype))  # [n_atoms, K]
         d = (g[:, :, None] * u).sum(1)
-        species = torch.argmax(ctx["node_attrs"], dim=-1)
-        carrier = self.centroid_charge.to(dtype)[species] > 0
         return torch.where(carrier[:, None], d, torch.zeros_like(d))
 
     @torch.jit.ignore
@@ -271,7 +269,8 @@ class WannierBlock(LongRangeBlock):
         species = torch.argmax(ctx["node_attrs"], dim=-1)
         ion = self.ion_charge.to(dtype)[species]
         electrons = self.centroid_charge.to(dtype)[species]
-        d = self.displacements(ctx)
+        carrier = electrons > 0
+        d = self.displacements(ctx, carrier)
         centroids = positions + d
         e_coulomb = self.coulomb_energies(
             positions, centroids, ion, electrons, ctx["cell"], ctx["pbc"], ctx["ptr"], ctx["total_charge"]
@@ -288,5 +287,5 @@ class WannierBlock(LongRangeBlock):
             "atomic_dipoles": atomic_dipoles,
             "dipole": dipole,
             "centroids": centroids,
-            "centroid_mask": electrons > 0,
+            "centroid_mask": carrier,
         }

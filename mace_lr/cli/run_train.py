@@ -202,9 +202,12 @@ def preflight(
                 f"--foundation_model {args.foundation_model!r} is neither a model file nor a name mace "
                 f"resolves ({', '.join(names)})"
             )
+    # the foundation model's elements, read once (None: a named model, resolved by mace)
+    fz = _foundation_elements(args, foundation) if args.foundation_model is not None else None
     required: List[str] = []
+    classes: Dict[str, type] = {}
     for name, options in specs.items():
-        cls = get_block(name)  # unknown names raise with suggestions
+        cls = classes[name] = get_block(name)  # unknown names raise with suggestions
         if args.lr_charges_weight > 0 and not getattr(cls, "accepts_charge_targets", False):
             raise ValueError(
                 f"--lr_charges_weight > 0 but block {name!r} does not predict partial charges that "
@@ -213,7 +216,7 @@ def preflight(
             )
         if not isinstance(options, dict):
             raise ValueError(f"options of block {name!r} must be a mapping, got {options!r}")
-        _check_block_options(name, cls, options, args, foundation)
+        _check_block_options(name, cls, options, fz)
         for key in getattr(cls, "required_inputs", ()):
             if key == "total_charge":
                 required.append(args.total_charge_key)
@@ -222,7 +225,7 @@ def preflight(
             else:
                 required.append(key)
     if weights["wannier_centroids"] > 0:
-        blocks = {name: get_block(name) for name in specs}
+        blocks = dict(classes)
         if foundation is not None:
             blocks.update({name: type(block) for name, block in foundation.blocks.items()})
         if not any(getattr(cls, "predicts_wannier_centroids", False) for cls in blocks.values()):
@@ -257,33 +260,29 @@ def preflight(
                 args.train_file,
                 args.external_field_key,
             )
-        if args.foundation_model is not None:
-            fz = _foundation_elements(args, foundation)
-            if fz is not None:
-                uncovered = [z for z in info["elements"] if z not in fz]
-                if uncovered:
-                    names = ", ".join(chemical_symbols[z] for z in uncovered)
-                    raise ValueError(
-                        f"the foundation model {args.foundation_model} does not know element(s) {names} "
-                        f"present in {args.train_file}; it covers "
-                        f"{', '.join(chemical_symbols[z] for z in fz)}"
-                    )
+        if fz is not None:
+            uncovered = [z for z in info["elements"] if z not in fz]
+            if uncovered:
+                names = ", ".join(chemical_symbols[z] for z in uncovered)
+                raise ValueError(
+                    f"the foundation model {args.foundation_model} does not know element(s) {names} "
+                    f"present in {args.train_file}; it covers "
+                    f"{', '.join(chemical_symbols[z] for z in fz)}"
+                )
 
 
-def _check_block_options(name: str, cls: type, options: Dict[str, Any], args, foundation) -> None:
+def _check_block_options(
+    name: str, cls: type, options: Dict[str, Any], elements: Optional[List[int]]
+) -> None:
     """Build the block once on stand-in features so that bad options fail before training.
 
     The real block is built after mace has loaded the data and the model; a missing or
-    misspelt option would otherwise stop the run only then.
+    misspelt option would otherwise stop the run only then. ``elements``: the foundation
+    model's; without them (training from scratch, a named foundation model) the elements
+    come from mace and the options are checked when the block is built.
     """
-    if foundation is not None:
-        elements = [int(z) for z in foundation.atomic_numbers.tolist()]
-    elif args.foundation_model is not None and os.path.isfile(args.foundation_model):
-        elements = _foundation_elements(args, None) or []
-    else:
-        elements = []
     if not elements:
-        return  # elements come from mace (data or a named foundation model): checked when built
+        return
     try:
         cls(feature_irreps="4x0e+4x1o", atomic_numbers=elements, r_max=5.0, **options)
     except (TypeError, ValueError) as exc:
