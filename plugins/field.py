@@ -36,8 +36,13 @@ from typing import Any, Dict, Sequence
 import torch
 
 from mace_lr import LongRangeBlock
-from mace_lr._equivariant import bessel_wavenumbers, feature_vectors, neighbour_vectors
-from mace_lr._mace_adapter import scalar_feature_indices, vector_feature_indices
+from mace_lr.nn import (
+    bessel_wavenumbers,
+    feature_vectors,
+    neighbour_vectors,
+    scalar_feature_indices,
+    vector_feature_indices,
+)
 
 logger = logging.getLogger(__name__)
 

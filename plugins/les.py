@@ -26,9 +26,8 @@ from typing import Any, Dict, List, Sequence
 import torch
 
 from mace_lr import LongRangeBlock
-from mace_lr._block import straight_through_coupling
-from mace_lr._mace_adapter import scalar_feature_indices
-from mace_lr.electrostatics import coulomb_potential
+from mace_lr.electrostatics import coulomb_potential_batch
+from mace_lr.nn import graph_sum, scalar_feature_indices, straight_through_coupling
 
 logger = logging.getLogger(__name__)
 
@@ -113,35 +112,30 @@ class LESBlock(LongRangeBlock):
         cell: torch.Tensor,
         pbc: torch.Tensor,
         ptr: torch.Tensor,
+        batch: torch.Tensor,
     ) -> torch.Tensor:
         """Coulomb energy of each graph [n_graphs], eV (runs in Python under TorchScript)."""
-        bounds = ptr.tolist()
-        flags = pbc.tolist()
-        energies = []
-        for g in range(len(bounds) - 1):
-            a, b = bounds[g], bounds[g + 1]
-            phi = coulomb_potential(
-                positions[a:b],
-                charges[a:b],
-                cell[g],
-                flags[g],
-                smearing=self.smearing,
-                accuracy=self.accuracy,
-                method=self.method,
-            )
-            energies.append(0.5 * (charges[a:b] * phi).sum())
-        if not energies:
-            return positions.new_zeros(0)
-        return torch.stack(energies)
+        phi = coulomb_potential_batch(
+            positions,
+            charges,
+            cell,
+            pbc,
+            ptr,
+            smearing=self.smearing,
+            accuracy=self.accuracy,
+            method=self.method,
+        )
+        return graph_sum(0.5 * charges * phi, batch, ptr.shape[0] - 1)
 
     def forward(self, ctx: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         positions = ctx["positions"]
         q_latent = self.latent_charges(ctx["node_feats"]).to(positions.dtype)
         num_graphs = ctx["ptr"].shape[0] - 1
-        e_coulomb = self.coulomb_energies(positions, q_latent, ctx["cell"], ctx["pbc"], ctx["ptr"])
+        e_coulomb = self.coulomb_energies(
+            positions, q_latent, ctx["cell"], ctx["pbc"], ctx["ptr"], ctx["batch"]
+        )
         charges = self.physical_scale().to(positions.dtype) * q_latent
-        dipole = torch.zeros((num_graphs, 3), dtype=positions.dtype, device=positions.device)
-        dipole = dipole.index_add(0, ctx["batch"], charges[:, None] * positions)
+        dipole = graph_sum(charges[:, None] * positions, ctx["batch"], num_graphs)
         field_energy = -(ctx["external_field"] * dipole).sum(-1)
         energy = self.gamma().to(positions.dtype) * e_coulomb + field_energy
         return {"energy": energy, "charges": charges, "dipole": dipole}

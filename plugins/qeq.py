@@ -44,8 +44,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from mace_lr import LongRangeBlock
-from mace_lr._mace_adapter import scalar_feature_indices
 from mace_lr.electrostatics import COULOMB_CONSTANT, solve_qeq
+from mace_lr.nn import scalar_feature_indices
 
 logger = logging.getLogger(__name__)
 

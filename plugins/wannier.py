@@ -42,10 +42,15 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from mace_lr import LongRangeBlock
-from mace_lr._block import straight_through_coupling
-from mace_lr._equivariant import bessel_wavenumbers, feature_vectors, neighbour_vectors
-from mace_lr._mace_adapter import scalar_feature_indices, vector_feature_indices
 from mace_lr.electrostatics import coulomb_potential
+from mace_lr.nn import (
+    bessel_wavenumbers,
+    feature_vectors,
+    neighbour_vectors,
+    scalar_feature_indices,
+    straight_through_coupling,
+    vector_feature_indices,
+)
 
 logger = logging.getLogger(__name__)
 

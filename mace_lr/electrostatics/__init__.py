@@ -22,6 +22,7 @@ __all__ = [
     "cache_info",
     "coulomb_energy",
     "coulomb_potential",
+    "coulomb_potential_batch",
     "solve_qeq",
 ]
 
@@ -79,3 +80,46 @@ def coulomb_energy(
     """
     phi = coulomb_potential(positions, charges, cell, pbc, smearing, accuracy, method)
     return 0.5 * (charges * phi).sum(0)
+
+
+def coulomb_potential_batch(
+    positions: torch.Tensor,
+    charges: torch.Tensor,
+    cell: torch.Tensor,
+    pbc: torch.Tensor,
+    ptr: torch.Tensor,
+    smearing: Optional[float] = None,
+    accuracy: float = 1e-6,
+    method: str = "auto",
+) -> torch.Tensor:
+    r"""Potential of every structure of a batch, each structure on its own.
+
+    Atoms of graph g are ``ptr[g]:ptr[g+1]``; charges of different graphs never interact.
+
+    Args:
+        positions: [n_atoms, 3] Å.
+        charges: [n_atoms] or [n_atoms, n_channels] e.
+        cell: [n_graphs, 3, 3] Å, rows are lattice vectors.
+        pbc: [n_graphs, 3] bool; each graph as in :func:`coulomb_potential`.
+        ptr: [n_graphs + 1] int64 atom offsets.
+        smearing: Gaussian width σ, Å; ``None`` for point charges.
+        accuracy: requested relative accuracy of periodic sums.
+        method: ``"auto"``, ``"ewald"`` or ``"p3m"`` (periodic and slab cells).
+
+    Returns:
+        Potential in V, same shape as ``charges``.
+    """
+    bounds = [int(b) for b in ptr.tolist()]
+    flags = torch.as_tensor(pbc).reshape(-1, 3).tolist()
+    if len(flags) != len(bounds) - 1 or cell.shape[0] != len(bounds) - 1:
+        raise ValueError(
+            f"`cell` [{cell.shape[0]}, 3, 3] and `pbc` [{len(flags)}, 3] must have one row per graph "
+            f"of `ptr` ({len(bounds) - 1} graphs)"
+        )
+    parts = [
+        coulomb_potential(positions[a:b], charges[a:b], cell[g], flags[g], smearing, accuracy, method)
+        for g, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
+    ]
+    if not parts:
+        return torch.zeros_like(charges)
+    return torch.cat(parts, dim=0)

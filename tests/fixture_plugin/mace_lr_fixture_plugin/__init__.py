@@ -6,7 +6,7 @@ from typing import Dict
 
 import torch
 
-from mace_lr._block import LongRangeBlock
+from mace_lr import LongRangeBlock
 
 __all__ = ["ConstantBlock", "NotABlock"]
 

@@ -1,0 +1,58 @@
+r"""The block author's kit: public building blocks for long-range blocks.
+
+Everything a block needs from mace-lr besides :class:`mace_lr.LongRangeBlock` and the
+:mod:`mace_lr.electrostatics` engine. The built-in blocks are written with these names
+only, so a third-party block can do whatever they do.
+
+Feature selection (the base model's ``node_feats`` are e3nn-ordered irreps):
+
+* :func:`scalar_feature_indices` — columns of the invariant (0e) channels;
+* :func:`vector_feature_indices` — columns of the vector (1o) channels, [channel, xyz];
+* :func:`feature_vectors` — the 1o channels as [n_atoms, 3, C].
+
+Equivariant geometry from the base model's graph:
+
+* :func:`bessel_wavenumbers` and :func:`neighbour_vectors` — learned l = 1 vectors per
+  atom, :math:`\mathbf u_{ik} = \sum_j R_k(r_{ij}, Z_j)\,\mathbf r_{ij}` (Å).
+
+Identity at initialisation and per-structure sums:
+
+* :func:`straight_through_coupling` — the gate γ = max(a, 0) that starts a block silent;
+* :func:`graph_sum` — per-graph sums of per-atom values (energies, dipoles, charges).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._block import straight_through_coupling
+from ._equivariant import bessel_wavenumbers, feature_vectors, neighbour_vectors
+from ._mace_adapter import scalar_feature_indices, vector_feature_indices
+
+__all__ = [
+    "bessel_wavenumbers",
+    "feature_vectors",
+    "graph_sum",
+    "neighbour_vectors",
+    "scalar_feature_indices",
+    "straight_through_coupling",
+    "vector_feature_indices",
+]
+
+
+def graph_sum(values: torch.Tensor, batch: torch.Tensor, num_graphs: int) -> torch.Tensor:
+    r"""Sum per-atom values over the atoms of each graph.
+
+    .. math:: S_g = \sum_{i:\, \mathrm{batch}_i = g} x_i
+
+    Args:
+        values: [n_atoms, ...] per-atom values (any trailing shape, any unit).
+        batch: [n_atoms] int64, graph index of each atom (``ctx["batch"]``).
+        num_graphs: number of graphs G (``ctx["ptr"].shape[0] - 1``).
+
+    Returns:
+        [G, ...] per-graph sums, same dtype and device as ``values``; graphs without
+        atoms sum to zero. Differentiable in ``values``.
+    """
+    out = torch.zeros((num_graphs,) + values.shape[1:], dtype=values.dtype, device=values.device)
+    return out.index_add(0, batch, values)
