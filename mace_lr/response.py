@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .electrostatics._kernels import cell_volume
+from ._geometry import cell_volume
 
 __all__ = [
     "centroid_minimum_image",

@@ -21,20 +21,12 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from .._geometry import cell_volume
+
 #: Coulomb constant in eV·Å/e².
 COULOMB_CONSTANT = 14.399645
 
 _SQRT2 = math.sqrt(2.0)
-
-
-def cell_volume(cell: torch.Tensor) -> torch.Tensor:
-    """|a · (b × c)| of cells [..., 3, 3] (rows are lattice vectors), Å³.
-
-    Written as a triple product rather than ``torch.linalg.det``: on torch 2.13 the
-    backward of ``det`` fails for float32 cells when the default dtype is float64 (as mace
-    sets it), and stress and strain derivatives need this gradient.
-    """
-    return torch.abs((cell[..., 0, :] * torch.linalg.cross(cell[..., 1, :], cell[..., 2, :])).sum(-1))
 
 
 #: Squared distance (Å²) below which two sites count as coincident. Gaussian charges on top

@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 import torchpme
 
-from ._kernels import cell_volume
+from .._geometry import cell_volume
 
 
 def fft_friendly(n: int) -> int:

@@ -1,0 +1,201 @@
+"""The long-range hooks into mace's training run: where mace-lr changes what mace does.
+
+Each ``*_hook`` builds the replacement of one mace symbol from the original (the table in
+:mod:`mace_lr.cli._mace_patches` lists them with the mace versions checked):
+
+* model construction: the model mace builds is wrapped with :func:`mace_lr.augment`
+  (identity at initialisation), or carries the blocks of a mace-lr foundation model;
+* parameter groups: every block parameter is added to the optimiser, with mace's groups
+  built on the base model only; LoRA adapts the base model only;
+* the data and the loss: the applied field and the long-range targets reach the batch in
+  batchable shapes, and :class:`mace_lr._losses.LongRangeLoss` adds their terms.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Callable, Tuple
+
+import torch
+
+from .._losses import LongRangeLoss
+
+if TYPE_CHECKING:
+    from ._mace_patches import RunContext
+
+logger = logging.getLogger(__name__)
+
+#: loss term → model output the training forward must compute
+_RESPONSES = {"born_charges": "born_effective_charges", "polarizability": "polarizability"}
+
+
+def training_responses(weights) -> Tuple[str, ...]:
+    """Field responses every training forward pass must compute for the loss terms."""
+    responses = tuple(_RESPONSES[name] for name in _RESPONSES if weights.get(name, 0.0) > 0)
+    if weights.get("polarization", 0.0) > 0:
+        responses += ("dipole",)  # the full −∂U/∂E, not the blocks' own dipoles
+    return responses
+
+
+def keyspec_hook(original: Callable, run: "RunContext") -> Callable:
+    """``update_keyspec_from_kwargs``: read the applied field and the long-range targets."""
+    weights, keys = run.weights, run.keys
+
+    def update_keyspec_from_kwargs(keyspec, keydict):
+        keyspec = original(keyspec, keydict)
+        info = {"external_field": keys["external_field"]}
+        if weights.get("polarization", 0.0) > 0:
+            info["polarization"] = keys["polarization"]
+        arrays = {"born_charges": keys["born_charges"]} if weights.get("born_charges", 0.0) > 0 else {}
+        if weights.get("wannier_centroids", 0.0) > 0:
+            arrays["wannier_centroids"] = keys["wannier_centroids"]
+        return keyspec.update(info_keys=info, arrays_keys=arrays)
+
+    return update_keyspec_from_kwargs
+
+
+def target_shapes_hook(original, run: "RunContext"):
+    """``AtomicData.from_config``: give the long-range targets batchable shapes.
+
+    mace passes extra properties through with their stored shapes (a 3-vector becomes
+    [3, 1], which batches wrongly) and skips missing ones (batches of mixed structures
+    would not collate): reshape them, zeros where missing.
+    """
+    weights = run.weights
+    orig_from_config = original.__func__
+
+    def from_config(cls, config, *a, **k):
+        data = orig_from_config(cls, config, *a, **k)
+        dtype = torch.get_default_dtype()
+        n = len(config.atomic_numbers)
+        if weights.get("born_charges", 0.0) > 0:
+            z = config.properties.get("born_charges")
+            data.born_charges = (
+                torch.zeros(n, 3, 3, dtype=dtype) if z is None else torch.tensor(z, dtype=dtype).view(n, 3, 3)
+            )
+        if weights.get("polarization", 0.0) > 0:
+            p = config.properties.get("polarization")
+            data.polarization = (
+                torch.zeros(1, 3, dtype=dtype) if p is None else torch.tensor(p, dtype=dtype).view(1, 3)
+            )
+        if weights.get("wannier_centroids", 0.0) > 0:
+            w = config.properties.get("wannier_centroids")
+            w = torch.full((n, 3), float("nan"), dtype=dtype) if w is None else torch.tensor(w, dtype=dtype)
+            w = w.view(n, 3)
+            # rows without a reference centroid (NaN) are masked out of the loss
+            present = torch.isfinite(w).all(-1)
+            data.wannier_centroids = torch.where(present[:, None], w, torch.zeros_like(w))
+            data.wannier_centroids_present = present.to(dtype)
+        return data
+
+    return classmethod(from_config)
+
+
+def configure_model_hook(original: Callable, run: "RunContext") -> Callable:
+    """``configure_model``: attach the blocks to the model mace built (or loaded)."""
+    from mace_lr import LongRangeMACE, augment
+
+    responses = training_responses(run.weights)
+
+    def configure_model(*a, **k):
+        model, output_args = original(*a, **k)
+        if isinstance(model, LongRangeMACE):
+            return model, output_args
+        carried = run.carried
+        if carried:
+            dtype = next(model.parameters()).dtype
+            model = LongRangeMACE(model, {name: block.to(dtype) for name, block in carried.items()})
+            logger.info("carried block(s) %s with their weights from the foundation model", list(carried))
+        new = {n: c for n, c in run.specs.items() if not (carried and n in carried)}
+        if new:
+            model = augment(model, new)
+        if responses:
+            model.training_responses = responses
+            logger.info("every training forward pass computes %s", ", ".join(responses))
+        return model, output_args
+
+    return configure_model
+
+
+def block_params_hook(original: Callable, run: "RunContext") -> Callable:
+    """``get_params_options``: mace's groups for the base model plus one group per block.
+
+    mace's groups only know its own modules (a silent trap upstream: block parameters
+    never trained); ``--freeze`` acts on the base model only, so the blocks train in full.
+    """
+    from mace_lr import LongRangeMACE
+
+    def get_params_options(args, model):
+        wrapped = isinstance(model, LongRangeMACE)
+        options = original(args, model.base if wrapped else model)
+        for group in options["params"]:
+            group["params"] = list(group["params"])  # mace passes some groups as generators
+        seen = {id(p) for group in options["params"] for p in group["params"]}
+        for name, block in model.blocks.items() if wrapped else []:
+            params = [p for p in block.parameters() if id(p) not in seen]
+            options["params"].append(
+                {"name": f"lr_{name}", "params": params, "weight_decay": 0.0, "lr": args.lr}
+            )
+            logger.info("optimiser group lr_%s: %d tensors", name, len(params))
+            seen.update(id(p) for p in params)
+        return options
+
+    return get_params_options
+
+
+def loss_hook(original: Callable, run: "RunContext") -> Callable:
+    """``get_loss_fn``: mace's loss plus the long-range terms the run asked for."""
+    weights = run.weights
+
+    def get_loss_fn(*a, **k):
+        base = original(*a, **k)
+        if any(w > 0 for w in weights.values()):
+            return LongRangeLoss(
+                base,
+                dipole_weight=weights.get("dipole", 0.0),
+                charges_weight=weights.get("charges", 0.0),
+                born_charges_weight=weights.get("born_charges", 0.0),
+                polarizability_weight=weights.get("polarizability", 0.0),
+                polarization_weight=weights.get("polarization", 0.0),
+                wannier_centroids_weight=weights.get("wannier_centroids", 0.0),
+            )
+        return base
+
+    return get_loss_fn
+
+
+def lora_hook(original: Callable, run: "RunContext") -> Callable:
+    """``inject_LoRAs``: LoRA adapts the foundation model; the blocks are new and train in
+    full (wrapped, their scalar parameters, e.g. the LES coupling, would stay frozen at zero).
+    """
+    from mace_lr import LongRangeMACE
+
+    def inject_LoRAs(model, *a, **k):
+        if not isinstance(model, LongRangeMACE):
+            return original(model, *a, **k)
+        model.base = original(model.base, *a, **k)
+        logger.info("LoRA injected into the base model; long-range blocks train all their parameters")
+        return model
+
+    return inject_LoRAs
+
+
+def rank_hook(original: Callable, run: "RunContext") -> Callable:
+    """``init_distributed``: record this process's rank (only rank 0 converts the model
+    files) and quiet mace-lr's loggers on the other ranks.
+
+    mace silences non-zero ranks with a filter on the root logger, which records of named
+    loggers bypass (``"__main__"`` is the entry point under ``python -m``).
+    """
+
+    def init_distributed(args):
+        rank, local_rank, world_size = original(args)
+        run.state["rank"] = rank
+        if rank != 0:
+            levels = {name: logging.getLogger(name).level for name in ("mace_lr", "__main__")}
+            for name in levels:
+                logging.getLogger(name).setLevel(logging.WARNING)
+            run.on_exit.append(lambda: [logging.getLogger(n).setLevel(v) for n, v in levels.items()])
+        return rank, local_rank, world_size
+
+    return init_distributed

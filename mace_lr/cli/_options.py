@@ -1,0 +1,169 @@
+"""The command line of ``mace_lr_run_train``: mace's parser plus the long-range options,
+the block configuration (``--lr_blocks``/``--lr_config``) and the loss terms a run asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Dict, Optional, Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Mace's argument parser with the mace-lr options added."""
+    from mace.tools import build_default_arg_parser
+
+    parser = build_default_arg_parser()
+    parser.prog = "mace_lr_run_train"
+    group = parser.add_argument_group("long-range blocks (mace-lr)")
+    group.add_argument(
+        "--lr_blocks",
+        type=str,
+        default=None,
+        help="long-range block(s) to attach, comma separated (e.g. 'les'); see mace_lr.available_blocks()",
+    )
+    group.add_argument(
+        "--lr_config",
+        type=str,
+        default=None,
+        help="YAML or JSON file (or inline JSON) with block options: {block: {option: value}}; "
+        "with one block a flat {option: value} mapping is accepted",
+    )
+    group.add_argument(
+        "--external_field_key",
+        type=str,
+        default="external_field",
+        help="atoms.info key of the applied field (3-vector, V/Å); structures without it are at zero field",
+    )
+    group.add_argument(
+        "--born_charges_key",
+        type=str,
+        default="REF_born_charges",
+        help="atoms.arrays key of Born effective charges Z[i,a,b] = dF_ib/dE_a = dmu_a/dR_ib (e), "
+        "9 columns per atom, row-major",
+    )
+    group.add_argument(
+        "--born_charges_weight",
+        type=float,
+        default=0.0,
+        help="weight of the Born effective charge loss (mean squared error per component, e^2)",
+    )
+    group.add_argument(
+        "--polarization_key",
+        type=str,
+        default="REF_polarization",
+        help="atoms.info key of the polarization of periodic structures (3-vector, e/Å^2), on any branch",
+    )
+    group.add_argument(
+        "--polarization_weight",
+        type=float,
+        default=0.0,
+        help="weight of the polarization loss, compared modulo the quantum e*a_k/Omega along each "
+        "periodic lattice vector (minimum image); (e/Å^2)^-2",
+    )
+    group.add_argument(
+        "--wannier_centroids_key",
+        type=str,
+        default="REF_wannier_centroids",
+        help="atoms.arrays key of Wannier centroids (Å, [N, 3]: the centroid of each atom's Wannier "
+        "centres; NaN rows for atoms without one), for blocks that predict centroids (wannier)",
+    )
+    group.add_argument(
+        "--wannier_centroids_weight",
+        type=float,
+        default=0.0,
+        help="weight of the Wannier-centroid loss (mean squared error per component over atoms "
+        "with a centroid, Å^-2; periodic cells at the minimum image)",
+    )
+    group.add_argument(
+        "--lr_charges_weight",
+        type=float,
+        default=0.0,
+        help="weight of a loss on REF_charges (--charges_key); only for blocks whose charges may "
+        "be fitted to a charge partition (qeq, as in 4G-HDNNPs; never LES latent charges)",
+    )
+    parser.epilog = (
+        "mace-lr reads mace's --dipole_key/--dipole_weight and --polarizability_key/"
+        "--polarizability_weight as losses on the model's dipole (e·Å; periodic cells modulo e·a_k) "
+        "and polarizability -d2U/dE2 (e·Å²/V, 9 values per structure) when either flag of a pair is given."
+    )
+    return parser
+
+
+def parse_block_config(lr_blocks: Optional[str], lr_config: Optional[str]) -> Dict[str, Dict[str, Any]]:
+    """Turn ``--lr_blocks`` / ``--lr_config`` into ``{name: options}``."""
+    names = [n.strip() for n in (lr_blocks or "").split(",") if n.strip()]
+    config: Dict[str, Any] = {}
+    if lr_config:
+        if os.path.exists(lr_config):
+            with open(lr_config, encoding="utf-8") as fh:
+                text = fh.read()
+            if lr_config.endswith((".yaml", ".yml")):
+                import yaml
+
+                config = yaml.safe_load(text) or {}
+            else:
+                config = json.loads(text)
+        else:
+            try:
+                config = json.loads(lr_config)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"--lr_config {lr_config!r} is neither a file nor valid JSON") from exc
+        if not isinstance(config, dict):
+            raise ValueError(f"--lr_config must hold a mapping, got {type(config).__name__}")
+    if config and names and not set(config) <= set(names):
+        if len(names) == 1:  # a flat {option: value} mapping (values may be mappings too)
+            config = {names[0]: config}
+        else:
+            extra = sorted(set(config) - set(names))
+            raise ValueError(
+                f"--lr_config has options for block(s) {extra} not listed in --lr_blocks {names}"
+            )
+    return {name: dict(config.get(name) or {}) for name in names}
+
+
+def _flag_given(args: argparse.Namespace, argv: Sequence[str], names: Sequence[str]) -> bool:
+    """Whether any of ``names`` was set on the command line or in the ``--config`` file."""
+    if any(a.split("=")[0] in names for a in argv):
+        return True
+    config = getattr(args, "config", None)
+    if config and os.path.isfile(config):
+        import yaml
+
+        with open(config, encoding="utf-8") as fh:
+            options = yaml.safe_load(fh) or {}
+        return isinstance(options, dict) and any(n.lstrip("-") in options for n in names)
+    return False
+
+
+def loss_weights(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, float]:
+    """Weights of the long-range loss terms a run asked for (0: off).
+
+    mace's own ``--dipole_*`` and ``--polarizability_*`` flags (whose weights default to 1)
+    switch their term on when either flag of the pair is given; the mace-lr weights
+    default to 0.
+    """
+    dipole = _flag_given(args, argv, ("--dipole_key", "--dipole_weight"))
+    polarizability = _flag_given(args, argv, ("--polarizability_key", "--polarizability_weight"))
+    return {
+        "dipole": float(args.dipole_weight) if dipole else 0.0,
+        "polarizability": float(args.polarizability_weight) if polarizability else 0.0,
+        "born_charges": float(args.born_charges_weight),
+        "polarization": float(args.polarization_weight),
+        "charges": float(args.lr_charges_weight),
+        "wannier_centroids": float(args.wannier_centroids_weight),
+    }
+
+
+def target_keys(args: argparse.Namespace) -> Dict[str, str]:
+    """Data key of each long-range target (and of the applied field)."""
+    return {
+        "dipole": args.dipole_key,
+        "polarizability": args.polarizability_key,
+        "born_charges": args.born_charges_key,
+        "polarization": args.polarization_key,
+        "charges": args.charges_key,
+        "wannier_centroids": args.wannier_centroids_key,
+        "external_field": args.external_field_key,
+    }

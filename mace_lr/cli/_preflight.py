@@ -1,0 +1,201 @@
+"""Checks run before training starts, so that a bad run fails at once with a message
+naming the problem (unknown block, bad options, missing data keys, target shapes,
+elements the foundation model does not know) instead of mid-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from ._options import target_keys
+
+logger = logging.getLogger(__name__)
+
+
+def read_foundation(path: str):
+    """Return a mace-lr model if ``path`` is a mace-lr model file, else None."""
+    if not path or not os.path.isfile(path):
+        return None
+    from mace_lr import load
+
+    try:
+        return load(path)  # refuses (ValueError) pickled MACE files and foreign formats
+    except ValueError:
+        return None
+
+
+def _data_keys_and_elements(frames: Sequence[Any], info_keys: Sequence[str]) -> Dict[str, Any]:
+    elements = sorted({int(z) for atoms in frames for z in atoms.numbers})
+    missing = {
+        key: sum(1 for atoms in frames if key not in atoms.info and key not in atoms.arrays)
+        for key in info_keys
+    }
+    return {"n": len(frames), "elements": elements, "missing": missing}
+
+
+def preflight(
+    args: argparse.Namespace,
+    weights: Dict[str, float],
+    specs: Dict[str, Dict[str, Any]],
+    foundation,
+) -> None:
+    """Fail at start, with a message naming the problem, instead of mid-run.
+
+    ``weights`` are the run's loss terms (:func:`loss_weights`).
+    """
+    from ase.data import chemical_symbols
+
+    from mace_lr.registry import get_block
+
+    if args.foundation_model is not None and not os.path.isfile(args.foundation_model):
+        from mace_lr._mace_adapter import foundation_model_names
+
+        names = foundation_model_names()
+        if args.foundation_model not in names:
+            raise ValueError(
+                f"--foundation_model {args.foundation_model!r} is neither a model file nor a name mace "
+                f"resolves ({', '.join(names)})"
+            )
+    # the foundation model's elements, read once (None: a named model, resolved by mace)
+    fz = _foundation_elements(args, foundation) if args.foundation_model is not None else None
+    required: List[str] = []
+    classes: Dict[str, type] = {}
+    for name, options in specs.items():
+        cls = classes[name] = get_block(name)  # unknown names raise with suggestions
+        if args.lr_charges_weight > 0 and not getattr(cls, "accepts_charge_targets", False):
+            raise ValueError(
+                f"--lr_charges_weight > 0 but block {name!r} does not predict partial charges that "
+                "may be fitted to a charge partition (LES predicts latent charges, the wannier block "
+                "fixed ion-minus-centroid charges); only qeq accepts charge targets"
+            )
+        if not isinstance(options, dict):
+            raise ValueError(f"options of block {name!r} must be a mapping, got {options!r}")
+        _check_block_options(name, cls, options, fz)
+        for key in getattr(cls, "required_inputs", ()):
+            if key == "total_charge":
+                required.append(args.total_charge_key)
+            elif key == "total_spin":
+                required.append(args.total_spin_key)
+            else:
+                required.append(key)
+    if weights["wannier_centroids"] > 0:
+        blocks = dict(classes)
+        if foundation is not None:
+            blocks.update({name: type(block) for name, block in foundation.blocks.items()})
+        if not any(getattr(cls, "predicts_wannier_centroids", False) for cls in blocks.values()):
+            raise ValueError(
+                f"--wannier_centroids_weight > 0 but none of the blocks {sorted(blocks)} predicts "
+                "Wannier centroids; attach one with --lr_blocks wannier"
+            )
+    keys = target_keys(args)
+    required += [keys[name] for name, weight in weights.items() if weight > 0]
+    if args.train_file and os.path.isfile(args.train_file) and args.train_file.endswith((".xyz", ".extxyz")):
+        import ase.io
+
+        frames = ase.io.read(args.train_file, index=":")
+        info = _data_keys_and_elements(frames, required)
+        for key, count in info["missing"].items():
+            if count:
+                hint = ""
+                if key == args.total_charge_key:
+                    hint = (
+                        " (the total charge; e.g. pass --total_charge_key charge if your file "
+                        "stores atoms.info['charge'])"
+                    )
+                raise ValueError(
+                    f"{count} of {info['n']} structures in {args.train_file} lack the key {key!r}{hint}, "
+                    "which the requested blocks/losses need"
+                )
+        _check_target_shapes(frames, args.train_file, args, weights)
+        if "field" in specs and not any(args.external_field_key in a.info for a in frames):
+            logger.warning(
+                "block 'field' requested but no structure of %s has atoms.info[%r]: every structure "
+                "is at zero field, so only response losses can train the field coupling",
+                args.train_file,
+                args.external_field_key,
+            )
+        if fz is not None:
+            uncovered = [z for z in info["elements"] if z not in fz]
+            if uncovered:
+                names = ", ".join(chemical_symbols[z] for z in uncovered)
+                raise ValueError(
+                    f"the foundation model {args.foundation_model} does not know element(s) {names} "
+                    f"present in {args.train_file}; it covers "
+                    f"{', '.join(chemical_symbols[z] for z in fz)}"
+                )
+
+
+def _check_block_options(
+    name: str, cls: type, options: Dict[str, Any], elements: Optional[List[int]]
+) -> None:
+    """Build the block once on stand-in features so that bad options fail before training.
+
+    The real block is built after mace has loaded the data and the model; a missing or
+    misspelt option would otherwise stop the run only then. ``elements``: the foundation
+    model's; without them (training from scratch, a named foundation model) the elements
+    come from mace and the options are checked when the block is built.
+    """
+    if not elements:
+        return
+    try:
+        cls(feature_irreps="4x0e+4x1o", atomic_numbers=elements, r_max=5.0, **options)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"block {name!r}: {exc}") from exc
+
+
+def _check_target_shapes(
+    frames: Sequence[Any], path: str, args: argparse.Namespace, weights: Dict[str, float]
+) -> None:
+    """Response targets must have the documented shapes; polarizations need periodic cells."""
+    import numpy as np
+
+    for index, atoms in enumerate(frames):
+        if weights["born_charges"] > 0:
+            z = np.asarray(atoms.arrays[args.born_charges_key])
+            if z.reshape(len(atoms), -1).shape[1] != 9:
+                raise ValueError(
+                    f"structure {index} of {path}: atoms.arrays[{args.born_charges_key!r}] must hold 9 "
+                    f"values per atom (Z[i, a, b] row-major), got shape {z.shape}"
+                )
+        if weights["polarizability"] > 0 and np.size(atoms.info[args.polarizability_key]) != 9:
+            raise ValueError(
+                f"structure {index} of {path}: atoms.info[{args.polarizability_key!r}] must hold 9 values "
+                f"(a 3x3 polarizability, e·Å²/V), got {np.size(atoms.info[args.polarizability_key])}"
+            )
+        if weights["polarization"] > 0:
+            if np.size(atoms.info[args.polarization_key]) != 3:
+                raise ValueError(
+                    f"structure {index} of {path}: atoms.info[{args.polarization_key!r}] must be a "
+                    "3-vector (e/Å²)"
+                )
+            if not atoms.pbc.any() or atoms.get_volume() <= 0:
+                raise ValueError(
+                    f"structure {index} of {path} is not periodic, so it has no polarization; "
+                    "train molecules on --dipole_key instead"
+                )
+        if weights["wannier_centroids"] > 0:
+            w = np.asarray(atoms.arrays[args.wannier_centroids_key], dtype=float)
+            if w.shape != (len(atoms), 3):
+                raise ValueError(
+                    f"structure {index} of {path}: atoms.arrays[{args.wannier_centroids_key!r}] must "
+                    f"have shape [n_atoms, 3] (Å; NaN rows for atoms without a centroid), got {w.shape}"
+                )
+        if args.external_field_key in atoms.info and np.size(atoms.info[args.external_field_key]) != 3:
+            raise ValueError(
+                f"structure {index} of {path}: atoms.info[{args.external_field_key!r}] must be a "
+                "3-vector in V/Å"
+            )
+
+
+def _foundation_elements(args, foundation) -> Optional[List[int]]:
+    if foundation is not None:
+        return [int(z) for z in foundation.atomic_numbers.tolist()]
+    if os.path.isfile(args.foundation_model):
+        model = torch.load(args.foundation_model, map_location="cpu", weights_only=False)
+        return [int(z) for z in model.atomic_numbers.tolist()]
+    return None  # named foundation models are resolved (and checked) by mace itself
