@@ -1,7 +1,8 @@
 """mace-lr: long-range blocks for MACE interatomic potentials.
 
 Public surface (see DESIGN): :func:`augment`, :func:`load`, :func:`save`, the registry
-functions, :class:`LongRangeBlock`, :class:`LongRangeMACE`, :class:`MACELRCalculator`,
+functions, :class:`LongRangeBlock` (with its declarations :class:`Output` and
+:class:`Target`), :class:`LongRangeMACE`, :class:`MACELRCalculator`,
 the :mod:`mace_lr.electrostatics` engine and the :mod:`mace_lr.testing` contract tests.
 """
 
@@ -10,6 +11,7 @@ import mace as _mace  # noqa: F401  (mace sets the variable e3nn needs; import i
 from ._block import LongRangeBlock
 from ._io import load, save
 from ._model import LongRangeMACE, augment
+from ._outputs import Output, Target
 from .registry import available_blocks, get_block, register_block
 
 __version__ = "0.1.0"
@@ -28,6 +30,8 @@ __all__ = [
     "LongRangeBlock",
     "LongRangeMACE",
     "MACELRCalculator",
+    "Output",
+    "Target",
     "augment",
     "available_blocks",
     "get_block",

@@ -8,9 +8,11 @@ dictionary holding at least ``"energy"`` (one value per graph, eV).
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar, Dict, List, Sequence
+from typing import Any, ClassVar, Dict, List, Sequence, Tuple
 
 import torch
+
+from ._outputs import Output
 
 #: Keys of the context dictionary handed to :meth:`LongRangeBlock.forward`.
 CONTEXT_KEYS: Dict[str, str] = {
@@ -58,12 +60,14 @@ class LongRangeBlock(torch.nn.Module):
     name: ClassVar[str] = ""
     #: Context keys the block needs the data to provide explicitly (e.g. ``total_charge``).
     required_inputs: ClassVar[Sequence[str]] = ()
-    #: Whether the block's ``charges`` are partial charges that may be fitted to reference
-    #: charges (``--lr_charges_weight``); latent or fixed charges are not.
-    accepts_charge_targets: ClassVar[bool] = False
-    #: Whether the block returns ``centroids`` [n_atoms, 3] Å and ``centroid_mask`` [n_atoms]
-    #: (Wannier centroids, trained with ``--wannier_centroids_weight``).
-    predicts_wannier_centroids: ClassVar[bool] = False
+    #: Inputs the block reads but can do without: when no training structure has one of
+    #: them, ``mace_lr_run_train`` warns that the block cannot learn from it.
+    optional_inputs: ClassVar[Sequence[str]] = ()
+    #: What the block returns besides ``energy`` (see :class:`mace_lr.Output`): per atom or
+    #: per structure, unit, the name the model and the calculator report, and an optional
+    #: training target. ``charges`` is declared for every block (:data:`STANDARD_OUTPUTS`);
+    #: results not declared are reported as ``<block>_<key>`` only.
+    outputs: ClassVar[Tuple[Output, ...]] = ()
 
     def __init__(
         self,

@@ -9,7 +9,8 @@ import torch
 
 from . import _mace_adapter as adapter
 from ._block import LongRangeBlock
-from .electrostatics._kernels import cell_volume
+from ._geometry import cell_volume
+from ._outputs import declared_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -112,10 +113,10 @@ class LongRangeMACE(torch.nn.Module):
         Returns:
             ``energy`` [G] eV, ``base_energy`` [G], ``lr_energy`` [G], ``forces`` [N, 3]
             eV/Å, ``virials``/``stress`` [G, 3, 3] (eV, eV/Å³), ``charges`` [N] e when a
-            block provides them, ``wannier_centroids`` [N, 3] Å and
-            ``wannier_centroid_mask`` [N] (atoms that carry a centroid) when a block predicts
-            centroids, response tensors when requested, and per-block extras named
-            ``<block>_<key>``.
+            block provides them (summed over blocks), every output the blocks declare
+            (:attr:`LongRangeBlock.outputs`) under its declared name (with its mask, e.g.
+            ``wannier_centroids`` [N, 3] Å and ``wannier_centroid_mask`` [N]), response
+            tensors when requested, and per-block extras named ``<block>_<key>``.
         """
         data = dict(data)
         extra = self.__dict__.get("training_responses", ())
@@ -191,25 +192,14 @@ class LongRangeMACE(torch.nn.Module):
 
         out: Dict[str, Optional[torch.Tensor]] = {}
         lr_energy = torch.zeros(num_graphs, dtype=dtype, device=device)
-        charges: Optional[torch.Tensor] = None
-        centroid_block: Optional[str] = None
+        given_by: Dict[str, str] = {}
         for name, block in self.blocks.items():
             result = block(ctx)
             lr_energy = lr_energy + result["energy"]
             for key, value in result.items():
                 out[f"{name}_{key}"] = value
-            if "centroids" in result:
-                # one name for the Wannier centroids whatever the block is called (losses,
-                # calculator and eval_configs read it)
-                if centroid_block is not None:
-                    raise RuntimeError(
-                        f"blocks {centroid_block!r} and {name!r} both predict Wannier centroids"
-                    )
-                centroid_block = name
-                out["wannier_centroids"] = result["centroids"]
-                out["wannier_centroid_mask"] = result["centroid_mask"]
-            if "charges" in result:
-                charges = result["charges"] if charges is None else charges + result["charges"]
+            _merge_declared(out, given_by, name, block, result)
+        energy = base_energy + lr_energy
         energy = base_energy + lr_energy
 
         inputs: List[torch.Tensor] = [positions]
@@ -254,7 +244,7 @@ class LongRangeMACE(torch.nn.Module):
                 "virials": virials,
                 "stress": stress,
                 "node_feats": base_out["node_feats"],
-                "charges": charges,
+                "charges": out.get("charges"),
             }
         )
         if want_field:
@@ -281,6 +271,30 @@ class LongRangeMACE(torch.nn.Module):
                 if compute_polarizability:
                     out["polarizability"] = pol
         return out
+
+
+def _merge_declared(
+    out: Dict[str, Optional[torch.Tensor]],
+    given_by: Dict[str, str],
+    name: str,
+    block: torch.nn.Module,
+    result: Dict[str, torch.Tensor],
+) -> None:
+    """Put the declared outputs of one block's ``result`` under their declared names."""
+    for key, output in declared_outputs(block).items():
+        if key not in result:
+            continue
+        value = result[key]
+        if output.name in given_by:
+            if not output.summed:
+                first = given_by[output.name]
+                raise RuntimeError(f"blocks {first!r} and {name!r} both predict {output.what}")
+            out[output.name] = out[output.name] + value
+        else:
+            out[output.name] = value
+            given_by[output.name] = name
+        if output.mask is not None:
+            out[output.mask_output] = result[output.mask]
 
 
 def _block_kwargs(base: torch.nn.Module) -> Dict[str, Any]:

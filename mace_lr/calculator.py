@@ -15,6 +15,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from ._data import atoms_to_batch
 from ._io import load
 from ._model import LongRangeMACE
+from ._outputs import PER_ATOM, outputs_by_name
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +29,6 @@ _BASIC = [
     "dipole",
     "polarization",
     "lr_energy",
-    "electrode_charge",
-    "wannier_centroids",
 ]
 #: Properties that need second derivatives; computed only when asked for.
 _RESPONSE = ["born_effective_charges", "polarizability"]
@@ -48,8 +47,10 @@ class MACELRCalculator(Calculator):
     eV/Å³, periodic cells), ``charges`` e, ``dipole`` e·Å, ``polarization`` e/Å²
     (periodic; on the branch of the positions as given), ``born_effective_charges``
     [N, 3, 3] e with ``Z[i, α, β] = ∂F_iβ/∂E_α``, ``polarizability`` [3, 3] e·Å²/V,
-    ``wannier_centroids`` [N, 3] Å (a block that predicts centroids; NaN rows for atoms
-    without one), and ``lr_energy`` (the blocks' share) plus ``<block>_energy`` extras.
+    every output the model's blocks declare under its declared name (e.g.
+    ``wannier_centroids`` [N, 3] Å, NaN rows for atoms without one; see
+    :attr:`mace_lr.LongRangeBlock.outputs`), and ``lr_energy`` (the blocks' share) plus
+    ``<block>_energy`` extras.
 
     Args:
         model_paths: path of a model saved by :func:`mace_lr.save` (or a one-element list),
@@ -86,6 +87,13 @@ class MACELRCalculator(Calculator):
                 raise ValueError(f"MACELRCalculator takes one model file, got {len(paths)}: {paths}")
             model = load(paths[0], device=self.device, allow_pickle=allow_pickle)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        #: outputs the blocks declare, reported under their names
+        self.declared_outputs = {
+            name: output
+            for name, output in outputs_by_name(self.model.blocks.values()).items()
+            if name not in self.implemented_properties
+        }
+        self.implemented_properties += list(self.declared_outputs)
         for p in self.model.parameters():
             p.requires_grad_(False)
         if external_field is not None:
@@ -140,8 +148,6 @@ class MACELRCalculator(Calculator):
         res["forces"] = out["forces"].detach().cpu().numpy()
         if periodic_cell and out["stress"] is not None:
             res["stress"] = full_3x3_to_voigt_6_stress(out["stress"].detach().cpu().numpy()[0])
-        if out.get("charges") is not None:
-            res["charges"] = out["charges"].detach().cpu().numpy()
         dipole = out["dipole"].detach().cpu().numpy()[0]
         res["dipole"] = dipole
         if tuple(pbc) == (True, True, True):
@@ -150,13 +156,7 @@ class MACELRCalculator(Calculator):
             res["born_effective_charges"] = out["born_effective_charges"].detach().cpu().numpy()
         if want_pol:
             res["polarizability"] = out["polarizability"].detach().cpu().numpy()[0]
-        if out.get("wannier_centroids") is not None:
-            centroids = out["wannier_centroids"].detach().cpu().numpy().copy()
-            centroids[~out["wannier_centroid_mask"].detach().cpu().numpy()] = np.nan
-            res["wannier_centroids"] = centroids
-        electrode = [v for k, v in out.items() if k.endswith("_electrode_charge") and v is not None]
-        if electrode:
-            res["electrode_charge"] = float(sum(v.detach()[0] for v in electrode))
+        res.update(declared_results(out, self.model.blocks.values()))
         for key, value in out.items():
             if (
                 key.endswith("_energy")
@@ -165,6 +165,28 @@ class MACELRCalculator(Calculator):
             ):
                 res[key] = float(value.detach()[0])
         self.results = res
+
+
+def declared_results(out: Dict[str, Any], blocks) -> Dict[str, Any]:
+    """The outputs ``blocks`` declare, as numpy values for one structure.
+
+    Per-atom outputs are arrays [n_atoms, *shape] (NaN rows for atoms outside the output's
+    mask); per-structure outputs are floats (scalars) or arrays [*shape].
+    """
+    res: Dict[str, Any] = {}
+    for name, output in outputs_by_name(blocks).items():
+        value = out.get(name)
+        if value is None:
+            continue
+        value = value.detach().cpu().numpy()
+        if output.per == PER_ATOM:
+            if output.mask_output is not None and out.get(output.mask_output) is not None:
+                value = value.copy() if value.dtype.kind == "f" else value.astype(float)
+                value[~out[output.mask_output].detach().cpu().numpy().astype(bool)] = np.nan
+            res[name] = value
+        else:
+            res[name] = float(value[0]) if value[0].ndim == 0 else value[0]
+    return res
 
 
 def _copy(value):

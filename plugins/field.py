@@ -61,6 +61,8 @@ class FieldBlock(LongRangeBlock):
     """
 
     name = "field"
+    #: without an applied field in the data only response losses can train the coupling
+    optional_inputs = ("external_field",)
 
     def __init__(
         self,

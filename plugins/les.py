@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Sequence
 
 import torch
 
-from mace_lr import LongRangeBlock
+from mace_lr import LongRangeBlock, Output
 from mace_lr.electrostatics import coulomb_potential_batch
 from mace_lr.nn import graph_sum, scalar_feature_indices, straight_through_coupling
 
@@ -49,6 +49,16 @@ class LESBlock(LongRangeBlock):
     """
 
     name = "les"
+    outputs = (
+        Output(
+            "charges",
+            "atom",
+            "e",
+            "charges",
+            description="latent charges (a scale of its Coulomb energy, not a charge partition)",
+            summed=True,
+        ),
+    )
 
     def __init__(
         self,

@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from mace_lr import LongRangeBlock
+from mace_lr import LongRangeBlock, Output, Target
 from mace_lr.electrostatics import COULOMB_CONSTANT, solve_qeq
 from mace_lr.nn import scalar_feature_indices
 
@@ -124,8 +124,31 @@ class QEqBlock(LongRangeBlock):
 
     name = "qeq"
     required_inputs = ("total_charge",)
-    #: equilibrated charges are partial charges: 4G-HDNNPs fit them to reference charges
-    accepts_charge_targets = True
+    outputs = (
+        # equilibrated charges are partial charges: 4G-HDNNPs fit them to reference charges
+        Output(
+            "charges",
+            "atom",
+            "e",
+            "charges",
+            description="equilibrated partial charges",
+            summed=True,
+            target=Target(
+                weight_flag="lr_charges_weight",
+                key_flag="charges_key",
+                help="weight of a loss on REF_charges (--charges_key); only for blocks whose charges may "
+                "be fitted to a charge partition (qeq, as in 4G-HDNNPs; never LES latent charges)",
+            ),
+        ),
+        Output(
+            "electrode_charge",
+            "structure",
+            "e",
+            "electrode_charge",
+            description="charge on electrode 1",
+            summed=True,
+        ),
+    )
 
     def __init__(
         self,

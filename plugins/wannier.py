@@ -41,7 +41,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from mace_lr import LongRangeBlock
+from mace_lr import LongRangeBlock, Output, Target
 from mace_lr.electrostatics import coulomb_potential
 from mace_lr.nn import (
     bessel_wavenumbers,
@@ -104,7 +104,34 @@ class WannierBlock(LongRangeBlock):
     """
 
     name = "wannier"
-    predicts_wannier_centroids = True
+    outputs = (
+        Output(
+            "charges",
+            "atom",
+            "e",
+            "charges",
+            description="fixed ion-minus-centroid charges",
+            summed=True,
+        ),
+        Output(
+            "centroids",
+            "atom",
+            "Å",
+            "wannier_centroids",
+            shape=(3,),
+            description="Wannier centroids",
+            mask="centroid_mask",
+            mask_name="wannier_centroid_mask",
+            target=Target(
+                weight_flag="wannier_centroids_weight",
+                key_flag="wannier_centroids_key",
+                default_key="REF_wannier_centroids",
+                loss="mse_minimum_image",
+                help="weight of the Wannier-centroid loss (mean squared error per component over atoms "
+                "with a centroid, Å^-2; periodic cells at the minimum image)",
+            ),
+        ),
+    )
 
     def __init__(
         self,

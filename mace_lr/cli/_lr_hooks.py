@@ -14,11 +14,13 @@ Each ``*_hook`` builds the replacement of one mace symbol from the original (the
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Callable, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Tuple
 
 import torch
 
+from .._keys import PRESENT_SUFFIX
 from .._losses import LongRangeLoss
+from .._outputs import PER_ATOM, Output, declared_targets
 
 if TYPE_CHECKING:
     from ._mace_patches import RunContext
@@ -37,9 +39,19 @@ def training_responses(weights) -> Tuple[str, ...]:
     return responses
 
 
+def _declared_data_targets(weights) -> Dict[str, Output]:
+    """Declared targets of the run whose data mace-lr reads (not mace's own keys)."""
+    return {
+        name: output
+        for name, (output, _) in declared_targets().items()
+        if weights.get(name, 0.0) > 0 and output.target.default_key is not None
+    }
+
+
 def keyspec_hook(original: Callable, run: "RunContext") -> Callable:
     """``update_keyspec_from_kwargs``: read the applied field and the long-range targets."""
     weights, keys = run.weights, run.keys
+    declared = _declared_data_targets(weights)
 
     def update_keyspec_from_kwargs(keyspec, keydict):
         keyspec = original(keyspec, keydict)
@@ -47,8 +59,8 @@ def keyspec_hook(original: Callable, run: "RunContext") -> Callable:
         if weights.get("polarization", 0.0) > 0:
             info["polarization"] = keys["polarization"]
         arrays = {"born_charges": keys["born_charges"]} if weights.get("born_charges", 0.0) > 0 else {}
-        if weights.get("wannier_centroids", 0.0) > 0:
-            arrays["wannier_centroids"] = keys["wannier_centroids"]
+        for name, output in declared.items():
+            (arrays if output.per == PER_ATOM else info)[name] = keys[name]
         return keyspec.update(info_keys=info, arrays_keys=arrays)
 
     return update_keyspec_from_kwargs
@@ -62,6 +74,7 @@ def target_shapes_hook(original, run: "RunContext"):
     would not collate): reshape them, zeros where missing.
     """
     weights = run.weights
+    declared = _declared_data_targets(weights)
     orig_from_config = original.__func__
 
     def from_config(cls, config, *a, **k):
@@ -78,14 +91,21 @@ def target_shapes_hook(original, run: "RunContext"):
             data.polarization = (
                 torch.zeros(1, 3, dtype=dtype) if p is None else torch.tensor(p, dtype=dtype).view(1, 3)
             )
-        if weights.get("wannier_centroids", 0.0) > 0:
-            w = config.properties.get("wannier_centroids")
-            w = torch.full((n, 3), float("nan"), dtype=dtype) if w is None else torch.tensor(w, dtype=dtype)
-            w = w.view(n, 3)
-            # rows without a reference centroid (NaN) are masked out of the loss
-            present = torch.isfinite(w).all(-1)
-            data.wannier_centroids = torch.where(present[:, None], w, torch.zeros_like(w))
-            data.wannier_centroids_present = present.to(dtype)
+        for name, output in declared.items():
+            rows = n if output.per == PER_ATOM else 1
+            value = config.properties.get(name)
+            shape = (rows, *output.shape)
+            value = (
+                torch.full(shape, float("nan"), dtype=dtype)
+                if value is None
+                else torch.tensor(value, dtype=dtype)
+            )
+            value = value.view(shape)
+            # rows without a reference (NaN) are masked out of the loss
+            present = torch.isfinite(value.view(rows, -1)).all(-1)
+            expand = present.view(rows, *([1] * len(output.shape)))
+            setattr(data, name, torch.where(expand, value, torch.zeros_like(value)))
+            setattr(data, name + PRESENT_SUFFIX, present.to(dtype))
         return data
 
     return classmethod(from_config)
@@ -150,15 +170,7 @@ def loss_hook(original: Callable, run: "RunContext") -> Callable:
     def get_loss_fn(*a, **k):
         base = original(*a, **k)
         if any(w > 0 for w in weights.values()):
-            return LongRangeLoss(
-                base,
-                dipole_weight=weights.get("dipole", 0.0),
-                charges_weight=weights.get("charges", 0.0),
-                born_charges_weight=weights.get("born_charges", 0.0),
-                polarizability_weight=weights.get("polarizability", 0.0),
-                polarization_weight=weights.get("polarization", 0.0),
-                wannier_centroids_weight=weights.get("wannier_centroids", 0.0),
-            )
+            return LongRangeLoss(base, **{f"{name}_weight": w for name, w in weights.items()})
         return base
 
     return get_loss_fn

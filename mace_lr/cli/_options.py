@@ -5,9 +5,12 @@ the block configuration (``--lr_blocks``/``--lr_config``) and the loss terms a r
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
+
+from .._outputs import PER_ATOM, declared_targets
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=str,
         default=None,
         help="long-range block(s) to attach, comma separated (e.g. 'les'); see mace_lr.available_blocks()",
+    )
+    group.add_argument(
+        "--lr_plugin",
+        type=str,
+        default=None,
+        help="Python module(s), comma separated, imported before anything else; a module that calls "
+        "mace_lr.register_block makes its blocks (and their target flags) available without an "
+        "installed entry point. Give it on the command line (it adds flags, so not in --config)",
     )
     group.add_argument(
         "--lr_config",
@@ -62,33 +73,63 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight of the polarization loss, compared modulo the quantum e*a_k/Omega along each "
         "periodic lattice vector (minimum image); (e/Å^2)^-2",
     )
-    group.add_argument(
-        "--wannier_centroids_key",
-        type=str,
-        default="REF_wannier_centroids",
-        help="atoms.arrays key of Wannier centroids (Å, [N, 3]: the centroid of each atom's Wannier "
-        "centres; NaN rows for atoms without one), for blocks that predict centroids (wannier)",
-    )
-    group.add_argument(
-        "--wannier_centroids_weight",
-        type=float,
-        default=0.0,
-        help="weight of the Wannier-centroid loss (mean squared error per component over atoms "
-        "with a centroid, Å^-2; periodic cells at the minimum image)",
-    )
-    group.add_argument(
-        "--lr_charges_weight",
-        type=float,
-        default=0.0,
-        help="weight of a loss on REF_charges (--charges_key); only for blocks whose charges may "
-        "be fitted to a charge partition (qeq, as in 4G-HDNNPs; never LES latent charges)",
-    )
+    _add_declared_targets(parser)
     parser.epilog = (
         "mace-lr reads mace's --dipole_key/--dipole_weight and --polarizability_key/"
         "--polarizability_weight as losses on the model's dipole (e·Å; periodic cells modulo e·a_k) "
         "and polarizability -d2U/dE2 (e·Å²/V, 9 values per structure) when either flag of a pair is given."
     )
     return parser
+
+
+def import_plugin_modules(argv: Sequence[str]) -> List[str]:
+    """Import the modules named by ``--lr_plugin`` in ``argv`` (before the parser is built,
+    so that the blocks they register bring their target flags).
+
+    Raises:
+        ValueError: a module cannot be imported.
+    """
+    names: List[str] = []
+    for i, arg in enumerate(argv):
+        if arg == "--lr_plugin" and i + 1 < len(argv):
+            names += argv[i + 1].split(",")
+        elif arg.startswith("--lr_plugin="):
+            names += arg.split("=", 1)[1].split(",")
+    names = [n.strip() for n in names if n.strip()]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ValueError(f"--lr_plugin {name!r} cannot be imported: {exc}") from exc
+    return names
+
+
+def _add_declared_targets(parser: argparse.ArgumentParser) -> None:
+    """A weight flag (and, unless mace has it, a key flag) for every training target the
+    available blocks declare (:class:`mace_lr.Target`).
+    """
+    group = parser.add_argument_group("training targets declared by blocks (mace-lr)")
+    for name, (output, providers) in declared_targets().items():
+        target = output.target
+        blocks = ", ".join(providers)
+        if f"--{target.key_flag}" not in parser._option_string_actions:
+            where = "atoms.arrays" if output.per == PER_ATOM else "atoms.info"
+            rows = "n_atoms" if output.per == PER_ATOM else "1"
+            shape = ", ".join([rows] + [str(n) for n in output.shape])
+            group.add_argument(
+                f"--{target.key_flag}",
+                type=str,
+                default=target.default_key,
+                help=f"{where} key of {output.what} ({output.unit}, [{shape}]"
+                + ("; NaN rows for atoms without one" if output.per == PER_ATOM else "")
+                + f"), for blocks that predict them ({blocks})",
+            )
+        group.add_argument(
+            f"--{target.weight_flag}",
+            type=float,
+            default=0.0,
+            help=target.help or f"weight of the loss on {output.what} ({blocks}); 0: off",
+        )
 
 
 def parse_block_config(lr_blocks: Optional[str], lr_config: Optional[str]) -> Dict[str, Dict[str, Any]]:
@@ -151,8 +192,10 @@ def loss_weights(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, flo
         "polarizability": float(args.polarizability_weight) if polarizability else 0.0,
         "born_charges": float(args.born_charges_weight),
         "polarization": float(args.polarization_weight),
-        "charges": float(args.lr_charges_weight),
-        "wannier_centroids": float(args.wannier_centroids_weight),
+        **{
+            name: float(getattr(args, out.target.weight_flag))
+            for name, (out, _) in declared_targets().items()
+        },
     }
 
 
@@ -163,7 +206,6 @@ def target_keys(args: argparse.Namespace) -> Dict[str, str]:
         "polarizability": args.polarizability_key,
         "born_charges": args.born_charges_key,
         "polarization": args.polarization_key,
-        "charges": args.charges_key,
-        "wannier_centroids": args.wannier_centroids_key,
+        **{name: getattr(args, out.target.key_flag) for name, (out, _) in declared_targets().items()},
         "external_field": args.external_field_key,
     }

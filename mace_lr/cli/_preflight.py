@@ -12,6 +12,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from .._keys import EXTERNAL_FIELD, TOTAL_CHARGE, TOTAL_SPIN
+from .._outputs import PER_ATOM, Output, declared_outputs, declared_targets
 from ._options import target_keys
 
 logger = logging.getLogger(__name__)
@@ -65,32 +67,23 @@ def preflight(
     fz = _foundation_elements(args, foundation) if args.foundation_model is not None else None
     required: List[str] = []
     classes: Dict[str, type] = {}
+    targets = {name: declared for name, declared in declared_targets().items() if weights.get(name, 0) > 0}
     for name, options in specs.items():
         cls = classes[name] = get_block(name)  # unknown names raise with suggestions
-        if args.lr_charges_weight > 0 and not getattr(cls, "accepts_charge_targets", False):
-            raise ValueError(
-                f"--lr_charges_weight > 0 but block {name!r} does not predict partial charges that "
-                "may be fitted to a charge partition (LES predicts latent charges, the wannier block "
-                "fixed ion-minus-centroid charges); only qeq accepts charge targets"
-            )
+        for output, providers in targets.values():
+            _check_summed_target(name, cls, output, providers)
         if not isinstance(options, dict):
             raise ValueError(f"options of block {name!r} must be a mapping, got {options!r}")
         _check_block_options(name, cls, options, fz)
-        for key in getattr(cls, "required_inputs", ()):
-            if key == "total_charge":
-                required.append(args.total_charge_key)
-            elif key == "total_spin":
-                required.append(args.total_spin_key)
-            else:
-                required.append(key)
-    if weights["wannier_centroids"] > 0:
-        blocks = dict(classes)
-        if foundation is not None:
-            blocks.update({name: type(block) for name, block in foundation.blocks.items()})
-        if not any(getattr(cls, "predicts_wannier_centroids", False) for cls in blocks.values()):
+        required += [_data_key(args, key) for key in getattr(cls, "required_inputs", ())]
+    blocks = dict(classes)
+    if foundation is not None:
+        blocks.update({name: type(block) for name, block in foundation.blocks.items()})
+    for output, providers in targets.values():
+        if not any(output.name in declared_targets({n: c}) for n, c in blocks.items()):
             raise ValueError(
-                f"--wannier_centroids_weight > 0 but none of the blocks {sorted(blocks)} predicts "
-                "Wannier centroids; attach one with --lr_blocks wannier"
+                f"--{output.target.weight_flag} > 0 but none of the blocks {sorted(blocks)} predicts "
+                f"{output.what}; attach one with --lr_blocks {','.join(providers)}"
             )
     keys = target_keys(args)
     required += [keys[name] for name, weight in weights.items() if weight > 0]
@@ -112,13 +105,17 @@ def preflight(
                     "which the requested blocks/losses need"
                 )
         _check_target_shapes(frames, args.train_file, args, weights)
-        if "field" in specs and not any(args.external_field_key in a.info for a in frames):
-            logger.warning(
-                "block 'field' requested but no structure of %s has atoms.info[%r]: every structure "
-                "is at zero field, so only response losses can train the field coupling",
-                args.train_file,
-                args.external_field_key,
-            )
+        for name, cls in classes.items():
+            for key in getattr(cls, "optional_inputs", ()):
+                key = _data_key(args, key)
+                if not any(key in a.info or key in a.arrays for a in frames):
+                    logger.warning(
+                        "block %r requested but no structure of %s has %r, an input it reads: it "
+                        "cannot learn from it, only from losses on its other outputs and responses",
+                        name,
+                        args.train_file,
+                        key,
+                    )
         if fz is not None:
             uncovered = [z for z in info["elements"] if z not in fz]
             if uncovered:
@@ -128,6 +125,28 @@ def preflight(
                     f"present in {args.train_file}; it covers "
                     f"{', '.join(chemical_symbols[z] for z in fz)}"
                 )
+
+
+def _data_key(args: argparse.Namespace, key: str) -> str:
+    """The data key (atoms.info or atoms.arrays) of a context key, as the run's flags name it."""
+    flags = {
+        TOTAL_CHARGE: "total_charge_key",
+        TOTAL_SPIN: "total_spin_key",
+        EXTERNAL_FIELD: "external_field_key",
+    }
+    return getattr(args, flags[key]) if key in flags else key
+
+
+def _check_summed_target(name: str, cls: type, output: Output, providers: Sequence[str]) -> None:
+    """A loss on an output summed over blocks (charges) fits every block's share: each block
+    returning that output must declare it as a training target.
+    """
+    own = [o for o in declared_outputs(cls).values() if o.name == output.name]
+    if output.summed and own and own[0].target is None:
+        raise ValueError(
+            f"--{output.target.weight_flag} > 0 but block {name!r} predicts {own[0].what}, which are no "
+            f"training target; blocks whose {output.name} may be fitted: {', '.join(providers)}"
+        )
 
 
 def _check_block_options(
@@ -154,6 +173,11 @@ def _check_target_shapes(
     """Response targets must have the documented shapes; polarizations need periodic cells."""
     import numpy as np
 
+    declared = {
+        name: item
+        for name, item in declared_targets().items()
+        if weights.get(name, 0) > 0 and item[0].target.default_key is not None  # mace checks its own
+    }
     for index, atoms in enumerate(frames):
         if weights["born_charges"] > 0:
             z = np.asarray(atoms.arrays[args.born_charges_key])
@@ -178,18 +202,34 @@ def _check_target_shapes(
                     f"structure {index} of {path} is not periodic, so it has no polarization; "
                     "train molecules on --dipole_key instead"
                 )
-        if weights["wannier_centroids"] > 0:
-            w = np.asarray(atoms.arrays[args.wannier_centroids_key], dtype=float)
-            if w.shape != (len(atoms), 3):
-                raise ValueError(
-                    f"structure {index} of {path}: atoms.arrays[{args.wannier_centroids_key!r}] must "
-                    f"have shape [n_atoms, 3] (Å; NaN rows for atoms without a centroid), got {w.shape}"
-                )
+        for output, _ in declared.values():
+            _check_declared_shape(atoms, index, path, output, getattr(args, output.target.key_flag))
         if args.external_field_key in atoms.info and np.size(atoms.info[args.external_field_key]) != 3:
             raise ValueError(
                 f"structure {index} of {path}: atoms.info[{args.external_field_key!r}] must be a "
                 "3-vector in V/Å"
             )
+
+
+def _check_declared_shape(atoms, index: int, path: str, output: Output, key: str) -> None:
+    """A declared target's reference must have one row per atom (per-atom outputs, in
+    ``atoms.arrays``) or hold ``prod(shape)`` values (per-structure outputs, in ``atoms.info``).
+    """
+    import numpy as np
+
+    if output.per == PER_ATOM:
+        value = np.asarray(atoms.arrays[key], dtype=float)
+        if value.shape != (len(atoms), *output.shape):
+            shape = ", ".join(["n_atoms"] + [str(n) for n in output.shape])
+            raise ValueError(
+                f"structure {index} of {path}: atoms.arrays[{key!r}] must have shape [{shape}] "
+                f"({output.unit}; NaN rows for atoms without one), got {value.shape}"
+            )
+    elif np.size(atoms.info[key]) != int(np.prod(output.shape)):
+        raise ValueError(
+            f"structure {index} of {path}: atoms.info[{key!r}] must hold {int(np.prod(output.shape))} "
+            f"value(s) ({output.what}, {output.unit}), got {np.size(atoms.info[key])}"
+        )
 
 
 def _foundation_elements(args, foundation) -> Optional[List[int]]:

@@ -2,8 +2,9 @@
 
 Like mace's ``mace_eval_configs``: writes ``{prefix}energy``, ``{prefix}forces``,
 ``{prefix}stress`` (periodic) and, from the long-range blocks, ``{prefix}charges``,
-``{prefix}lr_energy``, ``{prefix}dipole``, ``{prefix}polarization`` (periodic),
-``{prefix}wannier_centroids`` ([N, 3] Å, NaN rows for atoms without a centroid) and, with
+``{prefix}lr_energy``, ``{prefix}dipole``, ``{prefix}polarization`` (periodic), every
+output the blocks declare (per atom in ``atoms.arrays``, per structure in ``atoms.info``;
+e.g. ``{prefix}wannier_centroids``, [N, 3] Å, NaN rows for atoms without a centroid) and, with
 ``--compute_bec``, ``{prefix}born_effective_charges`` (flattened [N, 9]) and with
 ``--compute_polarizability``, ``{prefix}polarizability`` (flattened 9, e·Å²/V). Each structure
 is evaluated in its own ``atoms.info["external_field"]`` (V/Å), if any.
@@ -33,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--compute_polarizability", action="store_true", help="also write polarizabilities -d2U/dE2"
     )
     parser.add_argument(
+        "--lr_plugin",
+        default=None,
+        help="Python module(s), comma separated, to import first (blocks registered with "
+        "mace_lr.register_block, as for mace_lr_run_train)",
+    )
+    parser.add_argument(
         "--allow_pickle", action="store_true", help="accept pickled model files (trusted only)"
     )
     return parser
@@ -43,13 +50,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     import ase.io
     from tqdm import tqdm
 
+    from mace_lr._outputs import PER_ATOM, outputs_by_name
     from mace_lr.calculator import MACELRCalculator
+    from mace_lr.cli._options import import_plugin_modules
 
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        import_plugin_modules(["--lr_plugin", args.lr_plugin] if args.lr_plugin else [])
+    except ValueError as exc:
+        parser.exit(2, f"mace_lr_eval_configs: error: {exc}\n")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s: %(message)s")
     calc = MACELRCalculator(
         args.model, device=args.device, default_dtype=args.default_dtype, allow_pickle=args.allow_pickle
     )
+    declared = {n: o for n, o in outputs_by_name(calc.model.blocks.values()).items() if n != "charges"}
     frames = ase.io.read(args.configs, index=":")
     p = args.info_prefix
     out = []
@@ -68,10 +83,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if "charges" in res:
             atoms.arrays[f"{p}charges"] = res["charges"]
         atoms.info[f"{p}dipole"] = np.asarray(res["dipole"])
-        if "wannier_centroids" in res:
-            atoms.arrays[f"{p}wannier_centroids"] = res["wannier_centroids"]
-        if "electrode_charge" in res:
-            atoms.info[f"{p}electrode_charge"] = res["electrode_charge"]
+        for name, output in declared.items():  # per atom in arrays, per structure in info
+            if name in res:
+                where = atoms.arrays if output.per == PER_ATOM else atoms.info
+                where[f"{p}{name}"] = res[name]
         if "polarization" in res:
             atoms.info[f"{p}polarization"] = res["polarization"]
         if args.compute_bec:

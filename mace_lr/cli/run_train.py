@@ -31,7 +31,7 @@ import torch
 
 from .._losses import LongRangeLoss
 from ._mace_patches import RunContext, patched
-from ._options import build_parser, loss_weights, parse_block_config, target_keys
+from ._options import build_parser, import_plugin_modules, loss_weights, parse_block_config, target_keys
 from ._preflight import preflight, read_foundation
 
 __all__ = [
@@ -50,6 +50,10 @@ logger = logging.getLogger(__name__)
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console entry point."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        import_plugin_modules(argv)
+    except ValueError as exc:
+        build_parser().exit(2, f"mace_lr_run_train: error: {exc}\n")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
