@@ -1,8 +1,8 @@
 """mace-lr: long-range blocks for MACE interatomic potentials.
 
 Public surface (see DESIGN): :func:`augment`, :func:`load`, :func:`save`, the registry
-functions, :class:`LongRangeBlock` (with its declarations :class:`Output` and
-:class:`Target`), :class:`LongRangeMACE`, :class:`MACELRCalculator`,
+functions, :class:`LongRangeBlock` (with its declarations :class:`Input`, :class:`Output`
+and :class:`Target`), :class:`LongRangeMACE`, :class:`MACELRCalculator`,
 the :mod:`mace_lr.electrostatics` engine and the :mod:`mace_lr.testing` contract tests.
 """
 
@@ -11,7 +11,7 @@ import mace as _mace  # noqa: F401  (mace sets the variable e3nn needs; import i
 from ._block import LongRangeBlock
 from ._io import load, save
 from ._model import LongRangeMACE, augment
-from ._outputs import Output, Target
+from ._outputs import Input, Output, Target
 from .registry import available_blocks, get_block, register_block
 
 __version__ = "0.1.0"
@@ -27,6 +27,7 @@ def __getattr__(name):
 
 
 __all__ = [
+    "Input",
     "LongRangeBlock",
     "LongRangeMACE",
     "MACELRCalculator",

@@ -1,7 +1,8 @@
 """The block contract: what every long-range block implements.
 
 A block is a :class:`torch.nn.Module` subclass of :class:`LongRangeBlock`. It receives a
-context dictionary ``ctx`` of tensors (listed in :data:`CONTEXT_KEYS`) and returns a
+context dictionary ``ctx`` of tensors (listed in :data:`CONTEXT_KEYS`, plus the inputs the
+blocks declare in :attr:`LongRangeBlock.inputs`) and returns a
 dictionary holding at least ``"energy"`` (one value per graph, eV).
 """
 
@@ -12,7 +13,7 @@ from typing import Any, ClassVar, Dict, List, Sequence, Tuple
 
 import torch
 
-from ._outputs import Output
+from ._outputs import Input, Output
 
 #: Keys of the context dictionary handed to :meth:`LongRangeBlock.forward`.
 CONTEXT_KEYS: Dict[str, str] = {
@@ -28,8 +29,6 @@ CONTEXT_KEYS: Dict[str, str] = {
     "external_field": "[n_graphs, 3] V/Å (zeros when no field is applied)",
     "edge_index": "[2, n_edges] int64, the base model's graph",
     "shifts": "[n_edges, 3] Å, periodic image shifts of the edges (strained)",
-    "electrode": "[n_atoms] int64, 0 for ordinary atoms, 1 or 2 for the atoms of two electrodes",
-    "electrode_potential": "[n_graphs] V, potential of electrode 1 minus electrode 2",
 }
 
 
@@ -63,6 +62,9 @@ class LongRangeBlock(torch.nn.Module):
     #: Inputs the block reads but can do without: when no training structure has one of
     #: them, ``mace_lr_run_train`` warns that the block cannot learn from it.
     optional_inputs: ClassVar[Sequence[str]] = ()
+    #: Inputs beyond :data:`CONTEXT_KEYS` the block reads from the data (see
+    #: :class:`mace_lr.Input`), e.g. electrode labels; in ``ctx`` under their keys.
+    inputs: ClassVar[Tuple[Input, ...]] = ()
     #: What the block returns besides ``energy`` (see :class:`mace_lr.Output`): per atom or
     #: per structure, unit, the name the model and the calculator report, and an optional
     #: training target. ``charges`` is declared for every block (:data:`STANDARD_OUTPUTS`);

@@ -1,10 +1,10 @@
 """From ``ase.Atoms`` to a mace batch with the long-range inputs (private module).
 
 Inputs read from ``atoms.info``: ``charge`` (total charge, e), ``spin`` (multiplicity) and
-``external_field`` (3-vector, V/Å), ``electrode_potential`` (V, electrode 1 minus
-electrode 2); from ``atoms.arrays``: ``electrode`` (0 for ordinary atoms, 1 or 2 for
-electrode atoms). A key some block requires but the structure lacks is
-an error naming the key, never a silent neutral default.
+``external_field`` (3-vector, V/Å), plus the inputs the blocks declare
+(:class:`mace_lr.Input`, e.g. qeq's electrode labels). A key some block requires but the
+structure lacks is an error naming the key, never a silent neutral default. The global
+default dtype is never changed.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from mace import data as mace_data
 from mace.tools import torch_geometric
 from mace.tools.utils import AtomicNumberTable
 
+from ._keys import INFO_EXTERNAL_FIELD, INFO_HEAD, INFO_TO_DATA, POSITIONS
+from ._outputs import PER_ATOM, Input
+
 logger = logging.getLogger(__name__)
 
-#: atoms.info key → mace data key
-INFO_KEYS = {"charge": "total_charge", "spin": "total_spin", "external_field": "external_field"}
 #: mace data key → atoms.info key
-_DATA_TO_INFO = {data_key: info_key for info_key, data_key in INFO_KEYS.items()}
+_DATA_TO_INFO = {data_key: info_key for info_key, data_key in INFO_TO_DATA.items()}
 
 
 def _check_atoms(atoms, z_table: Sequence[int], index: int) -> None:
@@ -63,6 +64,7 @@ def atoms_to_batch(
     r_max: float,
     heads: Optional[List[str]] = None,
     required: Sequence[str] = (),
+    inputs: Sequence[Input] = (),
     external_field: Optional[Sequence[float]] = None,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str = "cpu",
@@ -75,6 +77,8 @@ def atoms_to_batch(
         r_max: neighbour-list cutoff, Å.
         heads: model heads (the first is used unless ``atoms.info['head']`` says otherwise).
         required: mace data keys some block needs (e.g. ``"total_charge"``).
+        inputs: inputs the blocks declare (:class:`mace_lr.Input`), read from the
+            structures that have them (the others get the input's default).
         external_field: field in V/Å applied to every structure without its own
             ``atoms.info['external_field']``.
         dtype: floating dtype of the batch.
@@ -85,36 +89,44 @@ def atoms_to_batch(
     r_max = float(r_max)
     keyspec = mace_data.KeySpecification(info_keys=dict(_DATA_TO_INFO), arrays_keys={})
     table = AtomicNumberTable(z_table)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        data_list = []
-        for index, atoms in enumerate(atoms_list):
-            _check_atoms(atoms, z_table, index)
-            for key in required:
-                info_key = _DATA_TO_INFO.get(key, key)
-                if info_key not in atoms.info:
-                    raise KeyError(
-                        f"structure {index} has no atoms.info[{info_key!r}] ({key}), which a block "
-                        "of this model requires; set it explicitly (e.g. 0 for a neutral system)"
-                    )
-            if external_field is not None and "external_field" not in atoms.info:
-                atoms = atoms.copy()  # never write into the caller's Atoms
-                atoms.info["external_field"] = np.asarray(external_field, dtype=float)
-            config = mace_data.config_from_atoms(
-                atoms, key_specification=keyspec, head_name=atoms.info.get("head", heads[0])
-            )
-            data_list.append(
-                mace_data.AtomicData.from_config(config, z_table=table, cutoff=r_max, heads=heads)
-            )
-        batch = torch_geometric.batch.Batch.from_data_list(data_list)
-    finally:
-        torch.set_default_dtype(previous)
-    out = batch.to_dict()
+    data_list = []
+    frames = []
+    for index, atoms in enumerate(atoms_list):
+        _check_atoms(atoms, z_table, index)
+        for key in required:
+            info_key = _DATA_TO_INFO.get(key, key)
+            if info_key not in atoms.info:
+                raise KeyError(
+                    f"structure {index} has no atoms.info[{info_key!r}] ({key}), which a block "
+                    "of this model requires; set it explicitly (e.g. 0 for a neutral system)"
+                )
+        for item in inputs:
+            if item.check is not None:
+                item.check(atoms, index)
+        if external_field is not None and INFO_EXTERNAL_FIELD not in atoms.info:
+            atoms = atoms.copy()  # never write into the caller's Atoms
+            atoms.info[INFO_EXTERNAL_FIELD] = np.asarray(external_field, dtype=float)
+        frames.append(atoms)
+        config = mace_data.config_from_atoms(
+            atoms, key_specification=keyspec, head_name=atoms.info.get(INFO_HEAD, heads[0])
+        )
+        data_list.append(mace_data.AtomicData.from_config(config, z_table=table, cutoff=r_max, heads=heads))
+    # mace builds its tensors in the default dtype; cast them, and read the float inputs
+    # again from the structures so that no value passes through a narrower dtype
+    batch = torch_geometric.batch.Batch.from_data_list(data_list)
     result: Dict[str, torch.Tensor] = {}
-    for key, value in out.items():
+    for key, value in batch.to_dict().items():
         if isinstance(value, torch.Tensor):
-            result[key] = value.to(device)
+            result[key] = (value.to(dtype) if value.is_floating_point() else value).to(device)
+    positions = np.concatenate([np.asarray(atoms.positions, dtype=float) for atoms in frames])
+    result[POSITIONS] = torch.as_tensor(positions, dtype=dtype, device=device)
+    for info_key, key in INFO_TO_DATA.items():
+        if key in result and any(info_key in atoms.info for atoms in frames):
+            rows = result[key].detach().to(torch.float64).cpu().numpy().reshape(len(frames), -1)
+            for g, atoms in enumerate(frames):
+                if info_key in atoms.info:
+                    rows[g] = np.asarray(atoms.info[info_key], dtype=float).reshape(-1)
+            result[key] = torch.as_tensor(rows.reshape(result[key].shape), dtype=dtype, device=device)
     num_graphs = len(atoms_list)
     # mace replaces the lattice vector of a non-periodic direction by a large fake one;
     # use the structure's own cell so that the stress volume is the one ASE reports
@@ -125,22 +137,18 @@ def atoms_to_batch(
         result["pbc"] = result["pbc"].view(num_graphs, 3)
     if "external_field" in result:
         result["external_field"] = result["external_field"].view(num_graphs, 3)
-    if any("electrode" in atoms.arrays for atoms in atoms_list):
-        tags = []
-        for index, atoms in enumerate(atoms_list):
-            tag = np.asarray(atoms.arrays.get("electrode", np.zeros(len(atoms))), dtype=np.int64)
-            if not set(np.unique(tag).tolist()) <= {0, 1, 2}:
-                raise ValueError(
-                    f"structure {index}: atoms.arrays['electrode'] must hold 0 (not an electrode), "
-                    f"1 or 2 (the two electrodes), got {sorted(set(tag.tolist()))}"
-                )
-            if "electrode_potential" not in atoms.info and (tag > 0).any():
-                raise KeyError(
-                    f"structure {index} has electrode atoms but no atoms.info['electrode_potential'] "
-                    "(V, electrode 1 minus electrode 2); set it explicitly (0 for shorted electrodes)"
-                )
-            tags.append(tag)
-        result["electrode"] = torch.as_tensor(np.concatenate(tags), device=device)
-        potentials = [float(atoms.info.get("electrode_potential", 0.0)) for atoms in atoms_list]
-        result["electrode_potential"] = torch.tensor(potentials, dtype=dtype, device=device)
+    for item in inputs:
+        per_atom = item.per == PER_ATOM
+        if not any(item.source in (atoms.arrays if per_atom else atoms.info) for atoms in atoms_list):
+            continue
+        kind = torch.int64 if item.dtype == "int64" else dtype
+        if per_atom:
+            values = np.concatenate(
+                [np.asarray(a.arrays.get(item.source, np.full(len(a), item.default))) for a in atoms_list]
+            )
+        else:
+            values = np.array([float(a.info.get(item.source, item.default)) for a in atoms_list])
+        result[item.key] = torch.as_tensor(
+            values.astype(np.int64) if kind == torch.int64 else values, dtype=kind, device=device
+        )
     return result

@@ -13,7 +13,17 @@ import torch
 from mace.modules.loss import reduce_loss  # global mean under DDP, plain mean otherwise
 
 from ._geometry import cell_volume
-from ._keys import PRESENT_SUFFIX
+from ._keys import (
+    BATCH,
+    BORN_CHARGES,
+    BORN_EFFECTIVE_CHARGES,
+    CELL,
+    DIPOLE,
+    PBC,
+    POLARIZABILITY,
+    POLARIZATION,
+    PRESENT_SUFFIX,
+)
 from ._outputs import MSE_MINIMUM_IMAGE, PER_ATOM, Output, declared_targets
 from .response import centroid_minimum_image, dipole_minimum_image, polarization_minimum_image
 
@@ -101,30 +111,30 @@ class LongRangeLoss(torch.nn.Module):
             if ddp is not None
             else self.base_loss(ref=ref, pred=pred)
         )
-        cell = ref["cell"].view(-1, 3, 3)
-        pbc = _batch_value(ref, "pbc")
+        cell = ref[CELL].view(-1, 3, 3)
+        pbc = _batch_value(ref, PBC)
         if self.dipole_weight > 0:
-            dipole = self._predicted(pred, "dipole", "dipole")
-            delta = dipole - ref["dipole"].view(-1, 3)
+            dipole = self._predicted(pred, DIPOLE, "dipole")
+            delta = dipole - ref[DIPOLE].view(-1, 3)
             # a periodic cell's dipole (Ω P) is defined modulo e·a_k: compare at the minimum image
             delta = dipole_minimum_image(delta, cell, pbc)
             loss = loss + self.dipole_weight * reduce_loss(delta**2, ddp)
         if self.born_charges_weight > 0:
-            z = self._predicted(pred, "born_effective_charges", "Born-charge")
+            z = self._predicted(pred, BORN_EFFECTIVE_CHARGES, "Born-charge")
             loss = loss + self.born_charges_weight * reduce_loss(
-                (z - ref["born_charges"].view(-1, 3, 3)) ** 2, ddp
+                (z - ref[BORN_CHARGES].view(-1, 3, 3)) ** 2, ddp
             )
         if self.polarizability_weight > 0:
-            alpha = self._predicted(pred, "polarizability", "polarizability")
-            delta = alpha - ref["polarizability"].view(-1, 3, 3)
+            alpha = self._predicted(pred, POLARIZABILITY, "polarizability")
+            delta = alpha - ref[POLARIZABILITY].view(-1, 3, 3)
             loss = loss + self.polarizability_weight * reduce_loss(delta**2, ddp)
         if self.polarization_weight > 0:
-            dipole = self._predicted(pred, "dipole", "polarization")
+            dipole = self._predicted(pred, DIPOLE, "polarization")
             volume = cell_volume(cell.to(dipole.dtype))
             if bool((volume <= 0).any()):
                 raise RuntimeError("a polarization loss needs periodic cells with a volume")
             p_pred = dipole / volume[:, None]
-            p_ref = ref["polarization"].view(-1, 3).to(dipole.dtype)
+            p_ref = ref[POLARIZATION].view(-1, 3).to(dipole.dtype)
             # polarization_loss per structure, averaged over the global batch under DDP
             sq = (polarization_minimum_image(p_pred - p_ref, cell, pbc) ** 2).sum(-1)
             loss = loss + self.polarization_weight * reduce_loss(sq, ddp)
@@ -143,7 +153,7 @@ class LongRangeLoss(torch.nn.Module):
             flags = pbc.view(-1, 3) if pbc is not None else cell.detach().abs().sum(-1) > 0
             cells, flags = cell.to(delta.dtype), flags.view(-1, 3)
             if output.per == PER_ATOM:
-                cells, flags = cells[ref["batch"]], flags[ref["batch"]]
+                cells, flags = cells[ref[BATCH]], flags[ref[BATCH]]
             delta = centroid_minimum_image(delta, cells, flags)
         mask = None
         if output.mask_output is not None:

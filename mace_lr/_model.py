@@ -10,7 +10,7 @@ import torch
 from . import _mace_adapter as adapter
 from ._block import LongRangeBlock
 from ._geometry import cell_volume
-from ._outputs import declared_outputs
+from ._outputs import PER_ATOM, Input, Output, declared_inputs, declared_outputs, outputs_by_name
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,9 @@ class LongRangeMACE(torch.nn.Module):
         super().__init__()
         self.base = base
         self.blocks = torch.nn.ModuleDict(dict(blocks))
+        #: block name → class, whose declarations (inputs, outputs) hold also once the block
+        #: is replaced by its TorchScript compilation (which keeps no class attributes)
+        self._block_classes = {name: type(block) for name, block in blocks.items()}
         self.register_buffer(
             "_z_table", torch.tensor(adapter.base_atomic_numbers(base), dtype=torch.int64), persistent=False
         )
@@ -83,6 +86,24 @@ class LongRangeMACE(torch.nn.Module):
                     keys.append(key)
         return keys
 
+    @property
+    def declared_inputs(self) -> List[Input]:
+        """Inputs the blocks declare (:attr:`LongRangeBlock.inputs`), each key once."""
+        return declared_inputs(self._declaring(name, block) for name, block in self.blocks.items())
+
+    @property
+    def declared_outputs(self) -> Dict[str, Output]:
+        """``{output name: Output}`` the blocks declare (:attr:`LongRangeBlock.outputs`)."""
+        return outputs_by_name(self._declaring(name, block) for name, block in self.blocks.items())
+
+    def _declaring(self, name: str, block: torch.nn.Module):
+        """What carries the declarations of block ``name``: the block, or its class when the
+        block is a TorchScript compilation.
+        """
+        if isinstance(block, torch.jit.ScriptModule):
+            return self.__dict__.get("_block_classes", {}).get(name, block)
+        return block
+
     def forward(
         self,
         data: Dict[str, torch.Tensor],
@@ -99,9 +120,8 @@ class LongRangeMACE(torch.nn.Module):
         Args:
             data: a mace batch (``positions``, ``cell``, ``edge_index``, ``unit_shifts``,
                 ``batch``, ``ptr``, ``node_attrs``, ...) plus optional ``total_charge``
-                [n_graphs] e, ``external_field`` [n_graphs, 3] V/Å, and for
-                constant-potential electrodes ``electrode`` [n_atoms] (0, 1, 2) and
-                ``electrode_potential`` [n_graphs] V.
+                [n_graphs] e, ``external_field`` [n_graphs, 3] V/Å, and the inputs the
+                blocks declare (:attr:`declared_inputs`, defaults where absent).
             training: keep the graph so losses on forces can be differentiated.
             compute_force: forces ``-∂E/∂R`` [n_atoms, 3] eV/Å.
             compute_virials: virials ``-∂E/∂ε`` [n_graphs, 3, 3] eV.
@@ -167,12 +187,6 @@ class LongRangeMACE(torch.nn.Module):
         if total_charge is None:
             total_charge = torch.zeros(num_graphs, dtype=dtype, device=device)
         species = torch.argmax(data["node_attrs"], dim=-1)
-        electrode = data.get("electrode")
-        if electrode is None:
-            electrode = torch.zeros(positions.shape[0], dtype=torch.int64, device=device)
-        electrode_potential = data.get("electrode_potential")
-        if electrode_potential is None:
-            electrode_potential = torch.zeros(num_graphs, dtype=dtype, device=device)
         ctx: Dict[str, torch.Tensor] = {
             "positions": strained_positions,
             "cell": cell,
@@ -186,9 +200,14 @@ class LongRangeMACE(torch.nn.Module):
             "external_field": field,
             "edge_index": data["edge_index"],
             "shifts": shifts,
-            "electrode": electrode.view(-1).to(torch.int64),
-            "electrode_potential": electrode_potential.view(num_graphs).to(dtype),
         }
+        for item in self.declared_inputs:
+            rows = positions.shape[0] if item.per == PER_ATOM else num_graphs
+            kind = torch.int64 if item.dtype == "int64" else dtype
+            value = data.get(item.key)
+            if value is None:
+                value = torch.full((rows,), item.default, dtype=kind, device=device)
+            ctx[item.key] = value.view(rows).to(kind)
 
         out: Dict[str, Optional[torch.Tensor]] = {}
         lr_energy = torch.zeros(num_graphs, dtype=dtype, device=device)
@@ -198,7 +217,7 @@ class LongRangeMACE(torch.nn.Module):
             lr_energy = lr_energy + result["energy"]
             for key, value in result.items():
                 out[f"{name}_{key}"] = value
-            _merge_declared(out, given_by, name, block, result)
+            _merge_declared(out, given_by, name, self._declaring(name, block), result)
         energy = base_energy + lr_energy
         energy = base_energy + lr_energy
 

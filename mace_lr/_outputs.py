@@ -1,4 +1,4 @@
-"""What a block declares about its results: outputs, their units and training targets.
+"""What a block declares: its outputs (units, names, training targets) and its inputs.
 
 The wrapper, the calculator, ``mace_lr_eval_configs`` and ``mace_lr_run_train`` read these
 declarations; none of them knows a block by name. A block lists its outputs in
@@ -10,7 +10,7 @@ describe its charges or make them a training target).
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 #: ``Output.per`` values
 PER_ATOM = "atom"
@@ -98,6 +98,51 @@ class Output:
     @property
     def what(self) -> str:
         return self.description or self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class Input:
+    """A per-atom or per-structure input a block reads from the data (beyond the standard
+    context of :data:`mace_lr._block.CONTEXT_KEYS`).
+
+    ``atoms_to_batch`` (calculator, contract tests) reads it from ``atoms.arrays[source]``
+    (per atom) or ``atoms.info[source]`` (per structure) when any structure has it, and
+    the wrapper puts it in ``ctx[key]``, filled with ``default`` when the data lack it.
+
+    Attributes:
+        key: context (and batch) key.
+        per: :data:`PER_ATOM` or :data:`PER_STRUCTURE`.
+        unit: unit of the values (``""`` for labels).
+        source: ``atoms.arrays`` / ``atoms.info`` key.
+        dtype: ``"float"`` (the model's dtype) or ``"int64"``.
+        default: value where the data lack it.
+        description: what the values are.
+        check: ``check(atoms, index)`` raising a clear error for a bad structure.
+    """
+
+    key: str
+    per: str
+    unit: str
+    source: str
+    dtype: str = "float"
+    default: float = 0.0
+    description: str = ""
+    check: Optional[Callable[[Any, int], None]] = None
+
+    def __post_init__(self) -> None:
+        if self.per not in (PER_ATOM, PER_STRUCTURE):
+            raise ValueError(f"Input.per must be {PER_ATOM!r} or {PER_STRUCTURE!r}, got {self.per!r}")
+        if self.dtype not in ("float", "int64"):
+            raise ValueError(f"Input.dtype must be 'float' or 'int64', got {self.dtype!r}")
+
+
+def declared_inputs(blocks: Iterable) -> List[Input]:
+    """The inputs several blocks declare, each key once (the first declaration wins)."""
+    seen: Dict[str, Input] = {}
+    for block in blocks:
+        for item in getattr(block, "inputs", ()):
+            seen.setdefault(item.key, item)
+    return list(seen.values())
 
 
 #: Outputs every block may return (a block may redeclare them).

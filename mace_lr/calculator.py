@@ -14,8 +14,9 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from ._data import atoms_to_batch
 from ._io import load
+from ._keys import INFO_CHARGE, INFO_EXTERNAL_FIELD, INFO_HEAD, INFO_SPIN
 from ._model import LongRangeMACE
-from ._outputs import PER_ATOM, outputs_by_name
+from ._outputs import PER_ATOM, Output
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ _BASIC = [
 #: Properties that need second derivatives; computed only when asked for.
 _RESPONSE = ["born_effective_charges", "polarizability"]
 #: atoms.info keys whose change invalidates the results.
-_INFO_KEYS = ("charge", "spin", "external_field", "head", "electrode_potential")
+_INFO_KEYS = (INFO_CHARGE, INFO_SPIN, INFO_EXTERNAL_FIELD, INFO_HEAD)
 
 
 class MACELRCalculator(Calculator):
@@ -90,10 +91,13 @@ class MACELRCalculator(Calculator):
         #: outputs the blocks declare, reported under their names
         self.declared_outputs = {
             name: output
-            for name, output in outputs_by_name(self.model.blocks.values()).items()
+            for name, output in self.model.declared_outputs.items()
             if name not in self.implemented_properties
         }
         self.implemented_properties += list(self.declared_outputs)
+        self._inputs = self.model.declared_inputs
+        #: atoms.info keys whose change invalidates the results (the per-structure inputs too)
+        self._info_keys = _INFO_KEYS + tuple(i.source for i in self._inputs if i.per != PER_ATOM)
         for p in self.model.parameters():
             p.requires_grad_(False)
         if external_field is not None:
@@ -106,7 +110,7 @@ class MACELRCalculator(Calculator):
 
     def check_state(self, atoms, tol: float = 1e-15):
         changes = super().check_state(atoms, tol)
-        info = {k: atoms.info.get(k) for k in _INFO_KEYS}
+        info = {k: atoms.info.get(k) for k in self._info_keys}
         if self.atoms is not None and not _same_info(info, self._info_cache):
             changes.append("info")
         return changes
@@ -116,7 +120,7 @@ class MACELRCalculator(Calculator):
         if "info" in system_changes:
             system_changes = [c for c in system_changes if c != "info"]
         Calculator.calculate(self, atoms, properties, system_changes)
-        self._info_cache = {k: _copy(self.atoms.info.get(k)) for k in _INFO_KEYS}
+        self._info_cache = {k: _copy(self.atoms.info.get(k)) for k in self._info_keys}
         atoms = self.atoms
         pbc = atoms.get_pbc()
         batch = atoms_to_batch(
@@ -125,6 +129,7 @@ class MACELRCalculator(Calculator):
             self.model.r_max,
             heads=self.model.heads,
             required=self.model.required_inputs,
+            inputs=self._inputs,
             external_field=self.external_field,
             dtype=self.dtype,
             device=self.device,
@@ -156,7 +161,7 @@ class MACELRCalculator(Calculator):
             res["born_effective_charges"] = out["born_effective_charges"].detach().cpu().numpy()
         if want_pol:
             res["polarizability"] = out["polarizability"].detach().cpu().numpy()[0]
-        res.update(declared_results(out, self.model.blocks.values()))
+        res.update(declared_results(out, self.model.declared_outputs))
         for key, value in out.items():
             if (
                 key.endswith("_energy")
@@ -167,14 +172,15 @@ class MACELRCalculator(Calculator):
         self.results = res
 
 
-def declared_results(out: Dict[str, Any], blocks) -> Dict[str, Any]:
-    """The outputs ``blocks`` declare, as numpy values for one structure.
+def declared_results(out: Dict[str, Any], declared: Dict[str, Output]) -> Dict[str, Any]:
+    """The ``declared`` outputs (name → :class:`~mace_lr.Output`) of a model output ``out``,
+    as numpy values for one structure.
 
     Per-atom outputs are arrays [n_atoms, *shape] (NaN rows for atoms outside the output's
     mask); per-structure outputs are floats (scalars) or arrays [*shape].
     """
     res: Dict[str, Any] = {}
-    for name, output in outputs_by_name(blocks).items():
+    for name, output in declared.items():
         value = out.get(name)
         if value is None:
             continue
@@ -194,7 +200,7 @@ def _copy(value):
 
 
 def _same_info(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
-    for key in _INFO_KEYS:
+    for key in set(a) | set(b):
         x, y = a.get(key), b.get(key)
         if (x is None) != (y is None):
             return False

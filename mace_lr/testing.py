@@ -56,6 +56,10 @@ def make_test_model(
     from e3nn import o3
     from mace.modules import RealAgnosticResidualInteractionBlock, ScaleShiftMACE
 
+    # e3nn computes its coupling coefficients in the default dtype when the model is built;
+    # building in float32 and casting would leave float32-accurate constants in a float64
+    # model (equivariance then holds to 1e-7 only). mace offers no dtype argument, so the
+    # default is switched for the construction alone and restored at once.
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -143,6 +147,7 @@ def evaluate(model: LongRangeMACE, atoms_list, **kwargs) -> Dict[str, Any]:
         model.atomic_numbers,
         float(model.r_max),
         heads=getattr(model, "heads", None),
+        inputs=getattr(model, "declared_inputs", ()),
         dtype=dtype,
         device=device,
     )
@@ -324,7 +329,14 @@ def assert_parameters_train_and_save(model: LongRangeMACE, systems: Sequence) ->
     systems = [a.copy() for a in systems]
     for a in systems:
         a.info.setdefault("external_field", np.array([0.05, -0.03, 0.02]))
-    batch = atoms_to_batch(systems, model.atomic_numbers, model.r_max, heads=model.heads, dtype=dtype)
+    batch = atoms_to_batch(
+        systems,
+        model.atomic_numbers,
+        model.r_max,
+        heads=model.heads,
+        inputs=model.declared_inputs,
+        dtype=dtype,
+    )
     out = model(batch, training=True)
     loss = out["energy"].pow(2).sum() + out["forces"].pow(2).sum()
     loss.backward()

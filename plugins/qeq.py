@@ -41,9 +41,10 @@ import math
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
-from mace_lr import LongRangeBlock, Output, Target
+from mace_lr import Input, LongRangeBlock, Output, Target
 from mace_lr.electrostatics import COULOMB_CONSTANT, solve_qeq
 from mace_lr.nn import scalar_feature_indices
 
@@ -100,6 +101,23 @@ def initial_element_parameters(atomic_numbers: Sequence[int]) -> Dict[str, List[
     return {"electronegativity": chi, "hardness": hardness, "widths": widths}
 
 
+def _check_electrodes(atoms, index: int) -> None:
+    """Electrode labels are 0, 1 or 2, and a structure with electrode atoms sets the potential."""
+    if "electrode" not in atoms.arrays:
+        return
+    tag = np.asarray(atoms.arrays["electrode"], dtype=np.int64)
+    if not set(np.unique(tag).tolist()) <= {0, 1, 2}:
+        raise ValueError(
+            f"structure {index}: atoms.arrays['electrode'] must hold 0 (not an electrode), "
+            f"1 or 2 (the two electrodes), got {sorted(set(tag.tolist()))}"
+        )
+    if "electrode_potential" not in atoms.info and (tag > 0).any():
+        raise KeyError(
+            f"structure {index} has electrode atoms but no atoms.info['electrode_potential'] "
+            "(V, electrode 1 minus electrode 2); set it explicitly (0 for shorted electrodes)"
+        )
+
+
 class QEqBlock(LongRangeBlock):
     """Charge-equilibration block (see the module documentation).
 
@@ -124,6 +142,20 @@ class QEqBlock(LongRangeBlock):
 
     name = "qeq"
     required_inputs = ("total_charge",)
+    inputs = (
+        Input(
+            "electrode",
+            "atom",
+            "",
+            "electrode",
+            dtype="int64",
+            description="0 for ordinary atoms, 1 or 2 for the atoms of the two electrodes",
+            check=_check_electrodes,
+        ),
+        Input(
+            "electrode_potential", "structure", "V", "electrode_potential", description="electrode 1 minus 2"
+        ),
+    )
     outputs = (
         # equilibrated charges are partial charges: 4G-HDNNPs fit them to reference charges
         Output(

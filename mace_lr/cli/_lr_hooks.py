@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING, Callable, Dict, Tuple
 
 import torch
 
-from .._keys import PRESENT_SUFFIX
+from .._keys import (
+    BORN_CHARGES,
+    BORN_EFFECTIVE_CHARGES,
+    DIPOLE,
+    EXTERNAL_FIELD,
+    POLARIZABILITY,
+    POLARIZATION,
+    PRESENT_SUFFIX,
+)
 from .._losses import LongRangeLoss
 from .._outputs import PER_ATOM, Output, declared_targets
 
@@ -28,14 +36,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 #: loss term → model output the training forward must compute
-_RESPONSES = {"born_charges": "born_effective_charges", "polarizability": "polarizability"}
+_RESPONSES = {BORN_CHARGES: BORN_EFFECTIVE_CHARGES, POLARIZABILITY: POLARIZABILITY}
 
 
 def training_responses(weights) -> Tuple[str, ...]:
     """Field responses every training forward pass must compute for the loss terms."""
     responses = tuple(_RESPONSES[name] for name in _RESPONSES if weights.get(name, 0.0) > 0)
-    if weights.get("polarization", 0.0) > 0:
-        responses += ("dipole",)  # the full −∂U/∂E, not the blocks' own dipoles
+    if weights.get(POLARIZATION, 0.0) > 0:
+        responses += (DIPOLE,)  # the full −∂U/∂E, not the blocks' own dipoles
     return responses
 
 
@@ -55,10 +63,10 @@ def keyspec_hook(original: Callable, run: "RunContext") -> Callable:
 
     def update_keyspec_from_kwargs(keyspec, keydict):
         keyspec = original(keyspec, keydict)
-        info = {"external_field": keys["external_field"]}
-        if weights.get("polarization", 0.0) > 0:
-            info["polarization"] = keys["polarization"]
-        arrays = {"born_charges": keys["born_charges"]} if weights.get("born_charges", 0.0) > 0 else {}
+        info = {EXTERNAL_FIELD: keys[EXTERNAL_FIELD]}
+        if weights.get(POLARIZATION, 0.0) > 0:
+            info[POLARIZATION] = keys[POLARIZATION]
+        arrays = {BORN_CHARGES: keys[BORN_CHARGES]} if weights.get(BORN_CHARGES, 0.0) > 0 else {}
         for name, output in declared.items():
             (arrays if output.per == PER_ATOM else info)[name] = keys[name]
         return keyspec.update(info_keys=info, arrays_keys=arrays)
@@ -81,13 +89,13 @@ def target_shapes_hook(original, run: "RunContext"):
         data = orig_from_config(cls, config, *a, **k)
         dtype = torch.get_default_dtype()
         n = len(config.atomic_numbers)
-        if weights.get("born_charges", 0.0) > 0:
-            z = config.properties.get("born_charges")
+        if weights.get(BORN_CHARGES, 0.0) > 0:
+            z = config.properties.get(BORN_CHARGES)
             data.born_charges = (
                 torch.zeros(n, 3, 3, dtype=dtype) if z is None else torch.tensor(z, dtype=dtype).view(n, 3, 3)
             )
-        if weights.get("polarization", 0.0) > 0:
-            p = config.properties.get("polarization")
+        if weights.get(POLARIZATION, 0.0) > 0:
+            p = config.properties.get(POLARIZATION)
             data.polarization = (
                 torch.zeros(1, 3, dtype=dtype) if p is None else torch.tensor(p, dtype=dtype).view(1, 3)
             )

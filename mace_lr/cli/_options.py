@@ -10,6 +10,7 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
+from .._keys import BORN_CHARGES, DIPOLE, EXTERNAL_FIELD, POLARIZABILITY, POLARIZATION
 from .._outputs import PER_ATOM, declared_targets
 
 
@@ -188,12 +189,13 @@ def loss_weights(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, flo
     dipole = _flag_given(args, argv, ("--dipole_key", "--dipole_weight"))
     polarizability = _flag_given(args, argv, ("--polarizability_key", "--polarizability_weight"))
     return {
-        "dipole": float(args.dipole_weight) if dipole else 0.0,
-        "polarizability": float(args.polarizability_weight) if polarizability else 0.0,
-        "born_charges": float(args.born_charges_weight),
-        "polarization": float(args.polarization_weight),
+        DIPOLE: float(args.dipole_weight) if dipole else 0.0,
+        POLARIZABILITY: float(args.polarizability_weight) if polarizability else 0.0,
+        BORN_CHARGES: float(args.born_charges_weight),
+        POLARIZATION: float(args.polarization_weight),
+        # a block registered after the parser was built has no flag: its term is off
         **{
-            name: float(getattr(args, out.target.weight_flag))
+            name: float(getattr(args, out.target.weight_flag, 0.0))
             for name, (out, _) in declared_targets().items()
         },
     }
@@ -202,10 +204,10 @@ def loss_weights(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, flo
 def target_keys(args: argparse.Namespace) -> Dict[str, str]:
     """Data key of each long-range target (and of the applied field)."""
     return {
-        "dipole": args.dipole_key,
-        "polarizability": args.polarizability_key,
-        "born_charges": args.born_charges_key,
-        "polarization": args.polarization_key,
-        **{name: getattr(args, out.target.key_flag) for name, (out, _) in declared_targets().items()},
-        "external_field": args.external_field_key,
+        DIPOLE: args.dipole_key,
+        POLARIZABILITY: args.polarizability_key,
+        BORN_CHARGES: args.born_charges_key,
+        POLARIZATION: args.polarization_key,
+        **{name: getattr(args, out.target.key_flag, None) for name, (out, _) in declared_targets().items()},
+        EXTERNAL_FIELD: args.external_field_key,
     }

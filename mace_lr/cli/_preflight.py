@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .._keys import EXTERNAL_FIELD, TOTAL_CHARGE, TOTAL_SPIN
+from .._keys import BORN_CHARGES, EXTERNAL_FIELD, POLARIZABILITY, POLARIZATION, TOTAL_CHARGE, TOTAL_SPIN
 from .._outputs import PER_ATOM, Output, declared_outputs, declared_targets
 from ._options import target_keys
 
@@ -179,19 +179,19 @@ def _check_target_shapes(
         if weights.get(name, 0) > 0 and item[0].target.default_key is not None  # mace checks its own
     }
     for index, atoms in enumerate(frames):
-        if weights["born_charges"] > 0:
+        if weights[BORN_CHARGES] > 0:
             z = np.asarray(atoms.arrays[args.born_charges_key])
             if z.reshape(len(atoms), -1).shape[1] != 9:
                 raise ValueError(
                     f"structure {index} of {path}: atoms.arrays[{args.born_charges_key!r}] must hold 9 "
                     f"values per atom (Z[i, a, b] row-major), got shape {z.shape}"
                 )
-        if weights["polarizability"] > 0 and np.size(atoms.info[args.polarizability_key]) != 9:
+        if weights[POLARIZABILITY] > 0 and np.size(atoms.info[args.polarizability_key]) != 9:
             raise ValueError(
                 f"structure {index} of {path}: atoms.info[{args.polarizability_key!r}] must hold 9 values "
                 f"(a 3x3 polarizability, e·Å²/V), got {np.size(atoms.info[args.polarizability_key])}"
             )
-        if weights["polarization"] > 0:
+        if weights[POLARIZATION] > 0:
             if np.size(atoms.info[args.polarization_key]) != 3:
                 raise ValueError(
                     f"structure {index} of {path}: atoms.info[{args.polarization_key!r}] must be a "

@@ -50,7 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     import ase.io
     from tqdm import tqdm
 
-    from mace_lr._outputs import PER_ATOM, outputs_by_name
+    from mace_lr._outputs import PER_ATOM
     from mace_lr.calculator import MACELRCalculator
     from mace_lr.cli._options import import_plugin_modules
 
@@ -64,7 +64,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     calc = MACELRCalculator(
         args.model, device=args.device, default_dtype=args.default_dtype, allow_pickle=args.allow_pickle
     )
-    declared = {n: o for n, o in outputs_by_name(calc.model.blocks.values()).items() if n != "charges"}
+    declared = {n: o for n, o in calc.model.declared_outputs.items() if n != "charges"}
     frames = ase.io.read(args.configs, index=":")
     p = args.info_prefix
     out = []
