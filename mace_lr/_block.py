@@ -88,7 +88,11 @@ class LongRangeBlock(torch.nn.Module):
         """Compute the block's contribution.
 
         Args:
-            ctx: context dictionary (see :data:`CONTEXT_KEYS`).
+            ctx: context dictionary (:data:`CONTEXT_KEYS`): ``positions`` [N, 3] Å and
+                ``cell`` [G, 3, 3] Å (both strained), ``pbc`` [G, 3], ``batch`` [N], ``ptr``
+                [G + 1], ``atomic_numbers`` [N], ``node_attrs`` [N, n_elements],
+                ``node_feats`` [N, F], ``total_charge`` [G] e, ``external_field`` [G, 3] V/Å,
+                ``edge_index`` [2, E], ``shifts`` [E, 3] Å, plus the declared :attr:`inputs`.
 
         Returns:
             ``{"energy": [n_graphs] eV, ...}``; optional ``"charges"`` [n_atoms] e and

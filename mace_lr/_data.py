@@ -127,6 +127,11 @@ def atoms_to_batch(
                 if info_key in atoms.info:
                     rows[g] = np.asarray(atoms.info[info_key], dtype=float).reshape(-1)
             result[key] = torch.as_tensor(rows.reshape(result[key].shape), dtype=dtype, device=device)
+    # the image shifts of the edges, Å, from the integer unit shifts and the full-precision cells
+    edge_cells = torch.as_tensor(
+        np.stack([np.asarray(atoms.get_cell()) for atoms in frames]), dtype=dtype, device=device
+    )[result["batch"][result["edge_index"][0]]]
+    result["shifts"] = torch.einsum("ei,eij->ej", result["unit_shifts"], edge_cells)
     num_graphs = len(atoms_list)
     # mace replaces the lattice vector of a non-periodic direction by a large fake one;
     # use the structure's own cell so that the stress volume is the one ASE reports

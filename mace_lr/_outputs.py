@@ -88,6 +88,13 @@ class Output:
         if self.mask is not None and self.per != PER_ATOM:
             raise ValueError(f"output {self.name!r}: a mask needs a per-atom output")
 
+    @classmethod
+    def charges(cls, description: str = "charges", target: Optional["Target"] = None) -> "Output":
+        """The standard ``charges`` output (per atom, e, summed over the blocks), described
+        for one block (e.g. ``"latent charges"``), optionally a training target.
+        """
+        return cls("charges", PER_ATOM, "e", "charges", description=description, summed=True, target=target)
+
     @property
     def mask_output(self) -> Optional[str]:
         """Model output name of the mask (None without one)."""
@@ -146,9 +153,7 @@ def declared_inputs(blocks: Iterable) -> List[Input]:
 
 
 #: Outputs every block may return (a block may redeclare them).
-STANDARD_OUTPUTS: Tuple[Output, ...] = (
-    Output("charges", PER_ATOM, "e", "charges", description="charges", summed=True),
-)
+STANDARD_OUTPUTS: Tuple[Output, ...] = (Output.charges(),)
 
 
 def declared_outputs(block) -> Dict[str, Output]:

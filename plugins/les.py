@@ -49,16 +49,7 @@ class LESBlock(LongRangeBlock):
     """
 
     name = "les"
-    outputs = (
-        Output(
-            "charges",
-            "atom",
-            "e",
-            "charges",
-            description="latent charges (a scale of its Coulomb energy, not a charge partition)",
-            summed=True,
-        ),
-    )
+    outputs = (Output.charges("latent charges (a scale of its Coulomb energy, not a charge partition)"),)
 
     def __init__(
         self,

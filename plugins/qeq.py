@@ -158,13 +158,8 @@ class QEqBlock(LongRangeBlock):
     )
     outputs = (
         # equilibrated charges are partial charges: 4G-HDNNPs fit them to reference charges
-        Output(
-            "charges",
-            "atom",
-            "e",
-            "charges",
-            description="equilibrated partial charges",
-            summed=True,
+        Output.charges(
+            "equilibrated partial charges",
             target=Target(
                 weight_flag="lr_charges_weight",
                 key_flag="charges_key",

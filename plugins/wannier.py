@@ -105,14 +105,7 @@ class WannierBlock(LongRangeBlock):
 
     name = "wannier"
     outputs = (
-        Output(
-            "charges",
-            "atom",
-            "e",
-            "charges",
-            description="fixed ion-minus-centroid charges",
-            summed=True,
-        ),
+        Output.charges("fixed ion-minus-centroid charges"),
         Output(
             "centroids",
             "atom",
