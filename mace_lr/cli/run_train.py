@@ -337,8 +337,10 @@ def _foundation_elements(args, foundation) -> Optional[List[int]]:
     if foundation is not None:
         return [int(z) for z in foundation.atomic_numbers.tolist()]
     if os.path.isfile(args.foundation_model):
+        from mace_lr._mace_adapter import base_atomic_numbers
+
         model = torch.load(args.foundation_model, map_location="cpu", weights_only=False)
-        return [int(z) for z in model.atomic_numbers.tolist()]
+        return base_atomic_numbers(model)  # refuses files of mace-torch 0.1.0, naming it
     return None  # named foundation models are resolved (and checked) by mace itself
 
 
