@@ -116,3 +116,74 @@ def test_bad_shapes(device):
         coulomb_potential_batch(pos, q, cell, pbc, ptr - 1)
     with pytest.raises(ValueError, match="`charges` must be a tensor"):
         coulomb_potential_batch(pos, q[:4], cell, pbc, ptr)
+
+
+def _qeq_inputs(device, counts, seed=0):
+    rng = np.random.default_rng(seed)
+    n = sum(counts)
+    t = lambda x: torch.tensor(x, dtype=torch.float64, device=device)  # noqa: E731
+    pos = t(rng.normal(scale=1.6, size=(n, 3))).requires_grad_(True)
+    chi = t(rng.normal(size=n)).requires_grad_(True)
+    hardness = t(rng.uniform(5.0, 10.0, size=n)).requires_grad_(True)
+    widths = t(rng.uniform(0.6, 1.2, size=n)).requires_grad_(True)
+    ptr = torch.tensor(np.concatenate([[0], np.cumsum(counts)]), device=device)
+    total = t(rng.integers(-1, 2, size=len(counts)).astype(float))
+    return pos, chi, hardness, widths, ptr, total
+
+
+@pytest.mark.parametrize("base_smearing", [0.0, 0.85])
+def test_qeq_open_batch_matches_per_structure_solves(device, base_smearing):
+    """One batched dense solve equals solve_qeq per structure: charges, energies, forces and
+    the second derivatives a force loss needs."""
+    from mace_lr.electrostatics import solve_qeq, solve_qeq_open_batch
+
+    counts = [3, 7, 1, 5, 12, 4]
+    pos, chi, hardness, widths, ptr, total = _qeq_inputs(device, counts)
+    out = solve_qeq_open_batch(
+        pos, chi, hardness, widths, ptr, total, accuracy=1e-6, base_smearing=base_smearing
+    )
+    b = ptr.tolist()
+    refs = [
+        solve_qeq(
+            pos[a:c],
+            chi[a:c],
+            hardness[a:c],
+            widths[a:c],
+            None,
+            (False,) * 3,
+            total[g],
+            solver="dense",
+            accuracy=1e-6,
+            base_smearing=base_smearing,
+            newton_steps=2,
+        )  # fmt: skip
+        for g, (a, c) in enumerate(zip(b[:-1], b[1:]))
+    ]
+    q_ref = torch.cat([r["charges"] for r in refs])
+    e_ref = torch.stack([r["energy"] for r in refs])
+    torch.testing.assert_close(out["charges"], q_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out["energy"], e_ref, rtol=0, atol=1e-12)
+    mu_ref = torch.stack([r["chemical_potential"][0] for r in refs])
+    torch.testing.assert_close(out["chemical_potential"], mu_ref, rtol=0, atol=1e-10)
+    inputs = (pos, chi, hardness, widths)
+    f_out = torch.autograd.grad(out["energy"].sum(), pos, create_graph=True)[0]
+    f_ref = torch.autograd.grad(e_ref.sum(), pos, create_graph=True)[0]
+    torch.testing.assert_close(f_out, f_ref, rtol=0, atol=1e-11)
+    # a force loss and a charge loss: their parameter gradients (second derivatives)
+    weights = torch.linspace(-1.0, 1.0, pos.numel(), dtype=pos.dtype, device=device).reshape(pos.shape)
+    loss_out = (weights * f_out).sum() + (out["charges"] ** 2).sum()
+    loss_ref = (weights * f_ref).sum() + (q_ref**2).sum()
+    for g_out, g_ref in zip(torch.autograd.grad(loss_out, inputs), torch.autograd.grad(loss_ref, inputs)):
+        torch.testing.assert_close(g_out, g_ref, rtol=1e-9, atol=1e-10)
+
+
+def test_qeq_open_batch_errors(device):
+    from mace_lr.electrostatics import solve_qeq_open_batch
+
+    pos, chi, hardness, widths, ptr, total = _qeq_inputs(device, [2, 3])
+    with pytest.raises(ValueError, match="`total_charge` must have shape"):
+        solve_qeq_open_batch(pos, chi, hardness, widths, ptr, total[:1])
+    with pytest.raises(ValueError, match="hardness J must be > 0"):
+        solve_qeq_open_batch(pos, chi, -hardness, widths, ptr, total)
+    with pytest.raises(ValueError, match="`widths` must have shape"):
+        solve_qeq_open_batch(pos, chi, hardness, widths[:2], ptr, total)

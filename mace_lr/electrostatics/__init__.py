@@ -15,6 +15,7 @@ from ._batch import coulomb_potential_batched
 from ._engine import cache_info, coulomb_potential_single
 from ._kernels import COULOMB_CONSTANT
 from ._qeq import ChargeEquilibrationError, GaussianCoulombOperator, solve_qeq
+from ._qeq_batch import solve_qeq_open_batch
 
 __all__ = [
     "COULOMB_CONSTANT",
@@ -25,6 +26,7 @@ __all__ = [
     "coulomb_potential",
     "coulomb_potential_batch",
     "solve_qeq",
+    "solve_qeq_open_batch",
 ]
 
 
