@@ -290,7 +290,38 @@ class QEqBlock(LongRangeBlock):
         widths: torch.Tensor,
         ctx: Dict[str, torch.Tensor],
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """QEq energies [G], charges [N] and electrode-1 charges [G] (runs in Python)."""
+        """QEq energies [G], charges [N] and electrode-1 charges [G] (runs in Python).
+
+        A batch of open-boundary structures without electrodes that the dense solver
+        takes is solved in one batched dense solve (one Lagrange multiplier per graph);
+        anything else (periodic cells, slabs, electrodes, CG) structure by structure.
+        """
+        from mace_lr.electrostatics import solve_qeq_open_batch
+
+        ptr = ctx["ptr"]
+        counts = ptr[1:] - ptr[:-1]
+        n_largest = int(counts.max()) if counts.numel() else 0
+        dense = self.solver == "dense" or (self.solver == "auto" and n_largest <= self.dense_max_atoms)
+        if (
+            counts.numel()
+            and dense
+            and not bool(ctx["pbc"].any())
+            and not bool((ctx["electrode"] > 0).any())
+            and bool((counts > 0).all())
+        ):
+            self.last_iterations = [0] * int(counts.numel())
+            result = solve_qeq_open_batch(
+                positions,
+                chi,
+                hardness,
+                widths,
+                ptr,
+                ctx["total_charge"].to(positions.dtype),
+                accuracy=self.accuracy,
+                base_smearing=self.base_smearing,
+                n_max=n_largest,
+            )
+            return result["energy"], result["charges"], positions.new_zeros(int(counts.numel()))
         bounds = ctx["ptr"].tolist()
         flags = ctx["pbc"].tolist()
         electrode = ctx["electrode"]

@@ -42,7 +42,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from mace_lr import LongRangeBlock, Output, Target
-from mace_lr.electrostatics import coulomb_potential
+from mace_lr.electrostatics import coulomb_potential_batch
 from mace_lr.nn import (
     bessel_wavenumbers,
     feature_vectors,
@@ -255,37 +255,47 @@ class WannierBlock(LongRangeBlock):
         ptr: torch.Tensor,
         total_charge: torch.Tensor,
     ) -> torch.Tensor:
-        """Coulomb energy of ions and centroids of each graph [n_graphs], eV (Python)."""
-        bounds = ptr.tolist()
-        flags = pbc.tolist()
+        """Coulomb energy of ions and centroids of each graph [n_graphs], eV (Python).
+
+        One engine call for the whole batch: each graph's sites are its ions followed by
+        its centroids (graphs in order).
+        """
+        n_graphs = ptr.shape[0] - 1
+        counts = ptr[1:] - ptr[:-1]
+        batch = torch.repeat_interleave(torch.arange(n_graphs, device=ptr.device), counts)
         formal = (ion - electrons).detach()
-        energies = []
-        for g in range(len(bounds) - 1):
-            a, b = bounds[g], bounds[g + 1]
-            net = float(formal[a:b].sum())
-            if abs(net - float(total_charge[g])) > 1e-6:
-                raise ValueError(
-                    f"wannier block: the ion charges minus the centroid electrons of structure {g} "
-                    f"add up to {net:g} e but its total charge is {float(total_charge[g]):g} e; set "
-                    "atoms.info['charge'] (or --total_charge_key) or check `ion_charges` and "
-                    "`centroid_electrons`"
-                )
-            has = electrons[a:b] > 0
-            sites = torch.cat([positions[a:b], centroids[a:b][has]], dim=0)
-            charges = torch.cat([ion[a:b], -electrons[a:b][has]], dim=0)
-            phi = coulomb_potential(
-                sites,
-                charges,
-                cell[g],
-                flags[g],
-                smearing=self.smearing,
-                accuracy=self.accuracy,
-                method=self.method,
+        net = torch.zeros(n_graphs, dtype=formal.dtype, device=formal.device).index_add(0, batch, formal)
+        bad = (net - total_charge.to(net.dtype)).abs() > 1e-6
+        if bool(bad.any()):
+            g = int(torch.nonzero(bad)[0, 0])
+            raise ValueError(
+                f"wannier block: the ion charges minus the centroid electrons of structure {g} "
+                f"add up to {float(net[g]):g} e but its total charge is {float(total_charge[g]):g} e; set "
+                "atoms.info['charge'] (or --total_charge_key) or check `ion_charges` and "
+                "`centroid_electrons`"
             )
-            energies.append(0.5 * (charges * phi).sum())
-        if not energies:
+        if n_graphs == 0:
             return positions.new_zeros(0)
-        return torch.stack(energies)
+        has = electrons > 0
+        site_graph = torch.cat([batch, batch[has]])
+        # graph after graph, ions before centroids within a graph
+        order = torch.sort(site_graph, stable=True).indices
+        sites = torch.cat([positions, centroids[has]], dim=0)[order]
+        charges = torch.cat([ion, -electrons[has]], dim=0)[order]
+        site_counts = torch.bincount(site_graph, minlength=n_graphs)
+        site_ptr = torch.cat([site_counts.new_zeros(1), torch.cumsum(site_counts, 0)])
+        phi = coulomb_potential_batch(
+            sites,
+            charges,
+            cell,
+            pbc,
+            site_ptr,
+            smearing=self.smearing,
+            accuracy=self.accuracy,
+            method=self.method,
+        )
+        energy = positions.new_zeros(n_graphs)
+        return energy.index_add(0, site_graph[order], 0.5 * charges * phi)
 
     def forward(self, ctx: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         positions = ctx["positions"]

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from .._keys import BORN_CHARGES, EXTERNAL_FIELD, POLARIZABILITY, POLARIZATION, TOTAL_CHARGE, TOTAL_SPIN
+from .._mace_adapter import base_atomic_numbers
 from .._outputs import PER_ATOM, Output, declared_outputs, declared_targets
 from ._options import target_keys
 
@@ -234,8 +235,8 @@ def _check_declared_shape(atoms, index: int, path: str, output: Output, key: str
 
 def _foundation_elements(args, foundation) -> Optional[List[int]]:
     if foundation is not None:
-        return [int(z) for z in foundation.atomic_numbers.tolist()]
+        return base_atomic_numbers(foundation)
     if os.path.isfile(args.foundation_model):
         model = torch.load(args.foundation_model, map_location="cpu", weights_only=False)
-        return [int(z) for z in model.atomic_numbers.tolist()]
+        return base_atomic_numbers(model)  # refuses files of mace-torch 0.1.0, naming it
     return None  # named foundation models are resolved (and checked) by mace itself

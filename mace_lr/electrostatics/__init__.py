@@ -11,9 +11,11 @@ from typing import Optional
 
 import torch
 
+from ._batch import coulomb_potential_batched
 from ._engine import cache_info, coulomb_potential_single
 from ._kernels import COULOMB_CONSTANT
 from ._qeq import ChargeEquilibrationError, GaussianCoulombOperator, solve_qeq
+from ._qeq_batch import solve_qeq_open_batch
 
 __all__ = [
     "COULOMB_CONSTANT",
@@ -24,6 +26,7 @@ __all__ = [
     "coulomb_potential",
     "coulomb_potential_batch",
     "solve_qeq",
+    "solve_qeq_open_batch",
 ]
 
 
@@ -95,6 +98,10 @@ def coulomb_potential_batch(
     r"""Potential of every structure of a batch, each structure on its own.
 
     Atoms of graph g are ``ptr[g]:ptr[g+1]``; charges of different graphs never interact.
+    One call for the whole batch: all open-boundary graphs are one padded pair computation
+    (chunked so that memory stays bounded), bulk graphs with the same cell size and atom
+    count share one Ewald reciprocal-space evaluation; P3M cells and slabs are evaluated
+    graph by graph. Equal to :func:`coulomb_potential` per graph to rounding.
 
     Args:
         positions: [n_atoms, 3] Å.
@@ -109,17 +116,4 @@ def coulomb_potential_batch(
     Returns:
         Potential in V, same shape as ``charges``.
     """
-    bounds = [int(b) for b in ptr.tolist()]
-    flags = torch.as_tensor(pbc).reshape(-1, 3).tolist()
-    if len(flags) != len(bounds) - 1 or cell.shape[0] != len(bounds) - 1:
-        raise ValueError(
-            f"`cell` [{cell.shape[0]}, 3, 3] and `pbc` [{len(flags)}, 3] must have one row per graph "
-            f"of `ptr` ({len(bounds) - 1} graphs)"
-        )
-    parts = [
-        coulomb_potential(positions[a:b], charges[a:b], cell[g], flags[g], smearing, accuracy, method)
-        for g, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
-    ]
-    if not parts:
-        return torch.zeros_like(charges)
-    return torch.cat(parts, dim=0)
+    return coulomb_potential_batched(positions, charges, cell, pbc, ptr, smearing, accuracy, method)
