@@ -1,12 +1,32 @@
-"""The small model and reference structures of :mod:`mace_lr.testing` (private module)."""
+"""The models and reference structures of :mod:`mace_lr.testing` (private module): a small
+random MACE, random MACEs with foundation-model architectures, rattled NaCl structures.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+import contextlib
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import mace  # noqa: F401
 import numpy as np
 import torch
+
+
+@contextlib.contextmanager
+def _building_in(dtype: torch.dtype) -> Iterator[None]:
+    """Build a MACE model in ``dtype``: the one place the default dtype is switched.
+
+    e3nn computes its coupling coefficients in the default dtype when a model is built;
+    building in float32 and casting would leave float32-accurate constants in a float64
+    model (equivariance then holds to 1e-7 only). mace offers no dtype argument, so the
+    default is switched for the construction alone and restored at once.
+    """
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def make_test_model(
@@ -22,13 +42,7 @@ def make_test_model(
     from e3nn import o3
     from mace.modules import RealAgnosticResidualInteractionBlock, ScaleShiftMACE
 
-    # e3nn computes its coupling coefficients in the default dtype when the model is built;
-    # building in float32 and casting would leave float32-accurate constants in a float64
-    # model (equivariance then holds to 1e-7 only). mace offers no dtype argument, so the
-    # default is switched for the construction alone and restored at once.
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
+    with _building_in(dtype):
         torch.manual_seed(seed)
         n = len(atomic_numbers)
         kwargs: Dict[str, Any] = {}
@@ -56,8 +70,6 @@ def make_test_model(
             atomic_inter_shift=0.0 if heads is None else [0.0] * len(heads),
             **kwargs,
         )
-    finally:
-        torch.set_default_dtype(previous)
     return model.to(dtype)
 
 
@@ -84,3 +96,70 @@ def reference_systems(seed: int = 0) -> Dict[str, Any]:
     slab.positions += rng.normal(scale=0.15, size=slab.positions.shape)
     out["slab"] = slab
     return out
+
+
+#: Published architectures of MACE foundation models (hidden irreps, cutoff, elements...).
+#: MACE-MP-0 (Batatia et al. 2023, the ``mace_mp`` small/medium models): 89 elements
+#: (Z = 1-89), r_max 6 Å, 10 Bessel functions, max_ell 3, correlation 3, 2 interactions,
+#: radial MLP [64, 64, 64], MLP irreps 16x0e. MACE-OFF23 (Kovács et al. 2023): 10 elements
+#: H C N O F P S Cl Br I, max_ell 3, correlation 3, 2 interactions; small: 96x0e with a
+#: 4.5 Å cutoff, medium 128x0e+128x1o at 5 Å.
+_OFF_ELEMENTS = [1, 6, 7, 8, 9, 15, 16, 17, 35, 53]
+FOUNDATION_ARCHITECTURES: Dict[str, Dict[str, Any]] = {
+    "mp0-small": {"hidden_irreps": "128x0e", "r_max": 6.0, "atomic_numbers": list(range(1, 90))},
+    "mp0-medium": {"hidden_irreps": "128x0e+128x1o", "r_max": 6.0, "atomic_numbers": list(range(1, 90))},
+    "off23-small": {"hidden_irreps": "96x0e", "r_max": 4.5, "atomic_numbers": _OFF_ELEMENTS},
+    "off23-medium": {
+        "hidden_irreps": "128x0e+128x1o",
+        "r_max": 5.0,
+        "atomic_numbers": _OFF_ELEMENTS,
+    },
+}
+
+
+def make_foundation_like_model(
+    name: str = "mp0-small",
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    avg_num_neighbors: float = 20.0,
+) -> torch.nn.Module:
+    """A ``ScaleShiftMACE`` with a foundation model's published architecture, random weights.
+
+    The released weights cannot be downloaded here; for timing, memory and the identity
+    and contract checks only the architecture matters. ``name`` is one of
+    :data:`FOUNDATION_ARCHITECTURES`.
+    """
+    from e3nn import o3
+    from mace.modules import (
+        RealAgnosticInteractionBlock,
+        RealAgnosticResidualInteractionBlock,
+        ScaleShiftMACE,
+    )
+
+    if name not in FOUNDATION_ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; choose from {', '.join(FOUNDATION_ARCHITECTURES)}")
+    arch = FOUNDATION_ARCHITECTURES[name]
+    numbers = arch["atomic_numbers"]
+    with _building_in(dtype):
+        torch.manual_seed(seed)
+        model = ScaleShiftMACE(
+            r_max=arch["r_max"],
+            num_bessel=10 if name.startswith("mp0") else 8,
+            num_polynomial_cutoff=5,
+            max_ell=3,
+            interaction_cls=RealAgnosticResidualInteractionBlock,
+            interaction_cls_first=RealAgnosticInteractionBlock,
+            num_interactions=2,
+            num_elements=len(numbers),
+            hidden_irreps=o3.Irreps(arch["hidden_irreps"]),
+            MLP_irreps=o3.Irreps("16x0e"),
+            atomic_energies=-np.linspace(1.0, 5.0, len(numbers)),
+            avg_num_neighbors=avg_num_neighbors,
+            atomic_numbers=list(numbers),
+            correlation=3,
+            gate=torch.nn.functional.silu,
+            radial_MLP=[64, 64, 64],
+            atomic_inter_scale=1.0,
+            atomic_inter_shift=0.0,
+        )
+    return model.to(dtype)

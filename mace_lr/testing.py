@@ -24,7 +24,12 @@ import torch
 
 from ._data import atoms_to_batch
 from ._model import LongRangeMACE, augment
-from ._test_systems import make_test_model, reference_systems
+from ._test_systems import (
+    FOUNDATION_ARCHITECTURES,
+    make_foundation_like_model,
+    make_test_model,
+    reference_systems,
+)
 
 __all__ = [
     "FOUNDATION_ARCHITECTURES",
@@ -352,74 +357,3 @@ def run_block_contract(
     assert_parameters_train_and_save(trained, [systems["periodic"], systems["open"]])
     assert_born_charges_match_finite_differences(trained, systems["open"])
     assert_scriptable(trained, systems["periodic"])
-
-
-#: Published architectures of MACE foundation models (hidden irreps, cutoff, elements...).
-#: MACE-MP-0 (Batatia et al. 2023, the ``mace_mp`` small/medium models): 89 elements
-#: (Z = 1-89), r_max 6 Å, 10 Bessel functions, max_ell 3, correlation 3, 2 interactions,
-#: radial MLP [64, 64, 64], MLP irreps 16x0e. MACE-OFF23 (Kovács et al. 2023): 10 elements
-#: H C N O F P S Cl Br I, max_ell 3, correlation 3, 2 interactions; small: 96x0e with a
-#: 4.5 Å cutoff, medium 128x0e+128x1o at 5 Å.
-_OFF_ELEMENTS = [1, 6, 7, 8, 9, 15, 16, 17, 35, 53]
-FOUNDATION_ARCHITECTURES: Dict[str, Dict[str, Any]] = {
-    "mp0-small": {"hidden_irreps": "128x0e", "r_max": 6.0, "atomic_numbers": list(range(1, 90))},
-    "mp0-medium": {"hidden_irreps": "128x0e+128x1o", "r_max": 6.0, "atomic_numbers": list(range(1, 90))},
-    "off23-small": {"hidden_irreps": "96x0e", "r_max": 4.5, "atomic_numbers": _OFF_ELEMENTS},
-    "off23-medium": {
-        "hidden_irreps": "128x0e+128x1o",
-        "r_max": 5.0,
-        "atomic_numbers": _OFF_ELEMENTS,
-    },
-}
-
-
-def make_foundation_like_model(
-    name: str = "mp0-small",
-    dtype: torch.dtype = torch.float64,
-    seed: int = 0,
-    avg_num_neighbors: float = 20.0,
-) -> torch.nn.Module:
-    """A ``ScaleShiftMACE`` with a foundation model's published architecture, random weights.
-
-    The released weights cannot be downloaded here; for timing, memory and the identity
-    and contract checks only the architecture matters. ``name`` is one of
-    :data:`FOUNDATION_ARCHITECTURES`.
-    """
-    from e3nn import o3
-    from mace.modules import (
-        RealAgnosticInteractionBlock,
-        RealAgnosticResidualInteractionBlock,
-        ScaleShiftMACE,
-    )
-
-    if name not in FOUNDATION_ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; choose from {', '.join(FOUNDATION_ARCHITECTURES)}")
-    arch = FOUNDATION_ARCHITECTURES[name]
-    numbers = arch["atomic_numbers"]
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        torch.manual_seed(seed)
-        model = ScaleShiftMACE(
-            r_max=arch["r_max"],
-            num_bessel=10 if name.startswith("mp0") else 8,
-            num_polynomial_cutoff=5,
-            max_ell=3,
-            interaction_cls=RealAgnosticResidualInteractionBlock,
-            interaction_cls_first=RealAgnosticInteractionBlock,
-            num_interactions=2,
-            num_elements=len(numbers),
-            hidden_irreps=o3.Irreps(arch["hidden_irreps"]),
-            MLP_irreps=o3.Irreps("16x0e"),
-            atomic_energies=-np.linspace(1.0, 5.0, len(numbers)),
-            avg_num_neighbors=avg_num_neighbors,
-            atomic_numbers=list(numbers),
-            correlation=3,
-            gate=torch.nn.functional.silu,
-            radial_MLP=[64, 64, 64],
-            atomic_inter_scale=1.0,
-            atomic_inter_shift=0.0,
-        )
-    finally:
-        torch.set_default_dtype(previous)
-    return model.to(dtype)
