@@ -86,9 +86,9 @@ def _check_not_2022_format(model: torch.nn.Module) -> None:
     if plain:
         raise UnsupportedMACEVersionError(
             f"this {type(model).__name__} stores {' and '.join(plain)} instead of a tensor buffer: it was "
-            f"written by mace-torch 0.1.0 (2022, before 0.2.0), which the installed mace-torch "
-            f"{_mace_version()} cannot run. Retrain it, or load it with mace-torch 0.1.0 and rebuild it "
-            "with a current mace-torch from its state dict"
+            f"written by mace-torch 0.1.0 (before October 2022), which the installed mace-torch "
+            f"{_mace_version()} cannot run. Convert it (build the same architecture with the installed "
+            "mace-torch and load the old model's state dict into it) or retrain it"
         )
 
 
