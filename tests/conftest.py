@@ -25,3 +25,19 @@ def device(request):
     if dev.type == "cuda" and not torch.cuda.is_available():
         pytest.skip(f"--device {name}: CUDA is not available")
     return dev
+
+
+@pytest.fixture
+def restore_root_logger():
+    """mace's run_train configures the root logger (level, file handlers); undo it."""
+    import logging
+
+    root = logging.getLogger()
+    level, handlers, filters = root.level, list(root.handlers), list(root.filters)
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.filters[:] = filters
+    root.setLevel(level)

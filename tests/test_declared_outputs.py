@@ -56,19 +56,8 @@ def site_block():
     unregister_block("site_values")
 
 
-@pytest.fixture(autouse=True)
-def _restore_root_logger():
-    """mace's run_train configures the root logger (level, file handlers); undo it."""
-    import logging
-
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    root.setLevel(level)
+#: mace's run_train configures the root logger; undo it after each test (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("restore_root_logger")
 
 
 def _frames(teacher, n=12, seed=0):
