@@ -280,8 +280,8 @@ def test_size_consistency_is_zero_for_the_base_model(base_model, tmp_path):
     np.testing.assert_allclose(charged["coulomb_tail"], COULOMB / np.array([12.0, 40.0]))
     # a long-range model is not zero at 12 Å, and its interaction decays with distance
     les = perturb_blocks(mace_lr.augment(base_model, "les"))
-    lr = size_consistency(les, ammonium, ammonium, distance=[12.0, 40.0, 200.0])
-    assert abs(lr["delta"][0]) > 1e-4 and abs(lr["delta"][2]) < abs(lr["delta"][0])
+    lr = size_consistency(les, ammonium, ammonium, distance=[12.0, 40.0])
+    assert abs(lr["delta"][0]) > 1e-4 and abs(lr["delta"][1]) < abs(lr["delta"][0])
     plot_size_consistency({"base": charged, "LES (perturbed)": lr}, tmp_path / "size.png")
     assert (tmp_path / "size.png").stat().st_size > 5000
 
@@ -292,3 +292,61 @@ def test_size_consistency_bad_input(base_model):
         size_consistency(base_model, molecule("H2O", vacuum=3.0, pbc=True), water)
     with pytest.raises(ValueError, match="does not separate"):
         size_consistency(base_model, water, water, distance=[0.5])
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_cli_sqq_dielectric_conductivity(tmp_path, capsys):
+    from mace_lr.cli.analyze import main
+
+    crystal = bulk("NaCl", "rocksalt", a=5.64, cubic=True).repeat((2, 2, 2))
+    pos, vel, _ = _ou_ions(len(crystal), [10.0] * len(crystal), 0.02, 2.0, 400, seed=6)
+    frames = []
+    for p, v in zip(pos, vel):
+        atoms = crystal.copy()
+        atoms.positions += 0.05 * p
+        atoms.set_velocities(v / units.fs)
+        atoms.arrays["MACE_charges"] = np.where(atoms.numbers == 11, 0.9, -0.9)
+        frames.append(atoms)
+    traj = tmp_path / "md.extxyz"
+    write(traj, frames)
+    png, out = tmp_path / "sqq.png", tmp_path / "sqq.json"
+    assert (
+        main(
+            [
+                "sqq",
+                str(traj),
+                "--charges_key",
+                "MACE_charges",
+                "--kmax",
+                "2.5",
+                "--plot",
+                str(png),
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "Stillinger-Lovett slope" in text and png.stat().st_size > 5000
+    import json
+
+    res = json.loads(out.read_text())
+    direct = charge_structure_factor(frames, charges={"Na": 0.9, "Cl": -0.9}, kmax=2.5)
+    np.testing.assert_allclose(res["S"], direct["S"], rtol=1e-6)
+
+    assert main(["dielectric", str(traj), "--charges", "Na=1,Cl=-1", "--temperature", "1000"]) == 0
+    assert "epsilon = " in capsys.readouterr().out
+
+    assert main(["conductivity", str(traj), "--dt", "2", "--max_lag", "20", "--n_blocks", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "Green-Kubo" in text and "Einstein-Helfand" in text and "S/m" in text
+
+    with pytest.raises(SystemExit, match="no per-atom array 'charges'"):
+        main(["sqq", str(traj)])
+    with pytest.raises(SystemExit, match="not known monatomic ions"):
+        water = molecule("H2O", vacuum=3.0, pbc=True)
+        write(tmp_path / "w.extxyz", [water] * 20)
+        main(["conductivity", str(tmp_path / "w.extxyz"), "--dt", "1", "--temperature", "300"])
