@@ -25,7 +25,7 @@ def plot_sqq(results: Mapping[str, Dict], path, log: bool = True) -> None:
         ax.errorbar(
             res["k"], res["S"], yerr=res["S_err"], fmt=marker + "-", ms=4, lw=1, capsize=2, label=label
         )
-        kk = np.linspace(0, res["k"].max(), 100)
+        kk = np.geomspace(res["k"][0] / 3, res["k"].max(), 100)
         m = min(3, len(res["k"]))
         ax.plot(
             kk[kk <= res["k"][m - 1] * 1.5],
