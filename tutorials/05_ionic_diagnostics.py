@@ -20,8 +20,9 @@ What it does (data shipped in ``data/``, see ``data/README.md``, "Molten NaCl"):
      → ``conductivity.png``;
    * the table in ``summary.txt``.
 
-    python tutorials/05_ionic_diagnostics.py           # ~15 minutes on 2 CPU cores
-    python tutorials/05_ionic_diagnostics.py --fast    # seconds-scale smoke run (used by the tests)
+    python tutorials/05_ionic_diagnostics.py           # 60 epochs, 8 ps of NVE per model (not timed yet)
+    python tutorials/05_ionic_diagnostics.py --fast    # 1 epoch, 120 fs of NVE: a smoke run (the test)
+    python tutorials/05_ionic_diagnostics.py --repeat 2   # MD in a 512-atom box: smaller k_min
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ def main() -> None:
     args.nvt = args.nvt if args.nvt is not None else (10 if args.fast else 500)
     args.nve = args.nve if args.nve is not None else (60 if args.fast else 4000)
     args.blocks = 3 if args.fast else 5
-    args.repeat = args.repeat or (1 if args.fast else 2)
+    args.repeat = args.repeat or 1
     args.hidden_irreps = "8x0e+8x1o" if args.fast else "32x0e+32x1o"
     args.train, args.valid, args.test = (p.resolve() for p in (args.train, args.valid, args.test))
     if args.fast:
