@@ -131,3 +131,32 @@ def test_wannier_centroids_fast(tmp_path):
     assert f_exp < f_fresh, rows
     assert (out_dir / "parity.png").stat().st_size > 10_000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wannier"], "files written outside --out"
+
+
+def test_ionic_diagnostics_fast(tmp_path):
+    """Tutorial 5: LES and short-range models of molten NaCl, S_QQ(k) and conductivity of their MD."""
+    out_dir = tmp_path / "diagnostics"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, str(TUTORIALS / "05_ionic_diagnostics.py"), "--fast", "--out", str(out_dir)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode == 0, f"tutorial failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    summary = (out_dir / "summary.txt").read_text()
+    sigma = {}
+    for line in summary.splitlines():
+        for label in ("LES", "short-range"):
+            if line.strip().startswith(label) and line.count("±") == 2:
+                gk, _, gk_err, eh, _, eh_err, ne = line.split()[1:]
+                sigma[label] = [float(x) for x in (gk, gk_err, eh, eh_err, ne)]
+    assert set(sigma) == {"LES", "short-range"}, summary
+    for label, values in sigma.items():
+        assert all(math.isfinite(v) for v in values) and values[0] > 0 and values[2] > 0, (label, values)
+    assert "Stillinger–Lovett" in summary and "small-k fit" in summary
+    assert (out_dir / "sqq.png").stat().st_size > 10_000
+    assert (out_dir / "conductivity.png").stat().st_size > 10_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diagnostics"], "files written outside --out"

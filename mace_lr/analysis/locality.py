@@ -1,10 +1,4 @@
-"""Diagnostics that judge long-range blocks (physics.md, "Diagnostics").
-
-* :func:`locality_probe` — how the charge of each atom responds to moving every other
-  atom, ``‖∂q_i/∂R_k‖`` against ``|R_i − R_k|``: zero beyond the receptive field for a
-  local charge model (LES), non-zero at any distance for charge equilibration (QEq).
-* :func:`plot_locality` — the same as a figure.
-"""
+"""Locality probe: how the charge of each atom responds to moving every other atom."""
 
 from __future__ import annotations
 
@@ -13,8 +7,8 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from ._data import atoms_to_batch
-from ._model import LongRangeMACE
+from .._data import atoms_to_batch
+from .._model import LongRangeMACE
 
 
 def locality_probe(
