@@ -151,7 +151,8 @@ def quartet(rng: np.random.Generator, bonds: np.ndarray, ends: dict) -> tuple[li
     rot = random_rotation(rng)
     z = np.concatenate([[0.0], np.cumsum(bonds)])
     s = np.sin(np.pi * z / z[-1])
-    rz = np.array([[np.cos(azimuth), -np.sin(azimuth), 0.0], [np.sin(azimuth), np.cos(azimuth), 0.0], [0, 0, 1]])
+    c, sn = np.cos(azimuth), np.sin(azimuth)
+    rz = np.array([[c, -sn, 0.0], [sn, c, 0.0], [0.0, 0.0, 1.0]])
     out = []
     for x in X_GROUPS:
         for y in Y_GROUPS:
@@ -165,7 +166,8 @@ def quartet(rng: np.random.Generator, bonds: np.ndarray, ends: dict) -> tuple[li
             p[:, 0] += bow[0] * np.interp(p[:, 2], z, s)
             p[:, 1] += bow[1] * np.interp(p[:, 2], z, s)
             at.positions = p @ rot.T
-            at.arrays["group"] = np.array([0] * N_CARBON + [1] * (1 + (x != "H")) + [2] * (1 + 2 * (y != "H")))
+            groups = [0] * N_CARBON + [1] * (1 + (x != "H")) + [2] * (1 + 2 * (y != "H"))
+            at.arrays["group"] = np.array(groups)
             at.info.update(x_group=x, y_group=y, charge=charge_of(x))
             out.append(at)
     return out, scale
@@ -246,7 +248,7 @@ def main() -> None:
     log(f"  minima: non-additivity ddE = {dd:+.4f} eV (own relaxed geometries)")
     bonds = np.mean([r["bonds"] for r in ref.values()], axis=0)
     ends = end_parameters(ref)
-    log(f"  shared backbone: mean bonds of the four minima; end groups: "
+    log("  shared backbone: mean bonds of the four minima; end groups: "
         + ", ".join(f"{k} {v:.3f}" for k, v in ends.items()))  # fmt: skip
     log(f"  distortions (times a per-quartet factor U(0.5, 1.5)): backbone rattle {SIGMA_RATTLE} Å, "
         f"transverse bow {SIGMA_BOW} Å, end-group rattle {SIGMA_END} Å; random end-plane azimuth and "
@@ -256,7 +258,8 @@ def main() -> None:
         d = ddE(frames)
         en = np.array([f.info["REF_energy"] for f in frames])
         fo = np.concatenate([f.arrays["REF_forces"] for f in frames])
-        log(f"\n== {name}: seed {seed}, {len(frames)} configurations ({n} quartets), rejected draws {rejected}")
+        log(f"\n== {name}: seed {seed}, {len(frames)} configurations ({n} quartets), "
+            f"rejected draws {rejected}")  # fmt: skip
         log(f"  E {en.min():.4f} .. {en.max():.4f} eV; |F| rms {np.sqrt((fo**2).mean()):.3f} eV/Å, "
             f"max {np.abs(fo).max():.3f} eV/Å")  # fmt: skip
         log(f"  ddE per quartet: mean {d.mean():+.4f} eV, std {d.std():.4f} eV, min {d.min():+.4f}, "

@@ -52,7 +52,9 @@ def _half_lattice(nmax: List[int]) -> torch.Tensor:
     """Integer vectors n of one half space (plus n = 0): [M, 3] int64."""
     r = [torch.arange(-m, m + 1) for m in nmax]
     n = torch.stack(torch.meshgrid(r[0], r[1], r[2], indexing="ij"), dim=-1).reshape(-1, 3)
-    keep = (n[:, 0] > 0) | ((n[:, 0] == 0) & (n[:, 1] > 0)) | ((n[:, 0] == 0) & (n[:, 1] == 0) & (n[:, 2] >= 0))
+    keep = (
+        (n[:, 0] > 0) | ((n[:, 0] == 0) & (n[:, 1] > 0)) | ((n[:, 0] == 0) & (n[:, 1] == 0) & (n[:, 2] >= 0))
+    )
     return n[keep]
 
 
@@ -64,7 +66,9 @@ def attention_box(positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor
     of the atoms along it plus ``pad``, rounded up to a multiple of ``step`` (no gradient).
 
     Args:
-        positions: [n, 3] Å. cell: [3, 3] Å. pbc: [3] bool.
+        positions: [n, 3] Å.
+        cell: [3, 3] Å, rows are lattice vectors (only the periodic ones are used).
+        pbc: [3] bool.
         pad: Å, smallest distance of any periodic image across an open direction.
         step: Å, rounding step of the open-direction lengths.
     """
@@ -167,7 +171,7 @@ class AttentionBlock(LongRangeBlock):
             sigma_init = [sigma_min + (sigma_max - sigma_min) * (h + 1) / (heads + 1) for h in range(heads)]
         if len(sigma_init) != heads or not all(sigma_min < s < sigma_max for s in sigma_init):
             raise ValueError(
-                f"attention `sigma_init` must give {heads} values strictly inside ({sigma_min}, {sigma_max}) Å"
+                f"attention `sigma_init` must give {heads} values inside ({sigma_min}, {sigma_max}) Å"
             )
         super().__init__(
             feature_irreps,

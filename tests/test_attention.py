@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 from ase.build import bulk
+from mace_lr.plugins.attention import AttentionBlock
 
 import mace_lr
 from mace_lr import testing as T
-from mace_lr.plugins.attention import AttentionBlock
 
 IRREPS = "6x0e+2x1o"
 
@@ -29,7 +29,9 @@ def make_ctx(positions, feats, cell=None, pbc=(False, False, False), sizes=None)
     positions = torch.as_tensor(np.asarray(positions), dtype=torch.float64)
     sizes = sizes or [positions.shape[0]]
     g = len(sizes)
-    cell = torch.zeros(g, 3, 3, dtype=torch.float64) if cell is None else torch.as_tensor(cell).reshape(g, 3, 3)
+    cell = (
+        torch.zeros(g, 3, 3, dtype=torch.float64) if cell is None else torch.as_tensor(cell).reshape(g, 3, 3)
+    )
     return {
         "positions": positions,
         "cell": cell.double(),
@@ -87,7 +89,9 @@ def test_periodic_kernel_matches_lattice_sum():
     block = make_block(sigma_min=1.5, sigma_max=2.5, accuracy=1e-12)
     ctx = make_ctx(pos, feats, cell=cell, pbc=(True, True, True))
     cell_t = torch.tensor(cell)
-    images = [torch.tensor(n, dtype=torch.float64) @ cell_t for n in itertools.product(range(-4, 5), repeat=3)]
+    images = [
+        torch.tensor(n, dtype=torch.float64) @ cell_t for n in itertools.product(range(-4, 5), repeat=3)
+    ]
     ref = direct_attention(block, ctx, images)
     torch.testing.assert_close(block.attend(ctx), ref, rtol=1e-8, atol=1e-9)
 
@@ -121,7 +125,9 @@ def test_size_consistency_two_molecules_far_apart():
 
 def test_rotation_error_of_an_elongated_molecule_is_bounded_by_the_accuracy():
     rng = np.random.default_rng(3)
-    pos = np.stack([np.zeros(14), np.zeros(14), 1.28 * np.arange(14)], axis=1) + rng.normal(scale=0.1, size=(14, 3))
+    pos = np.stack([np.zeros(14), np.zeros(14), 1.28 * np.arange(14)], axis=1) + rng.normal(
+        scale=0.1, size=(14, 3)
+    )
     feats = rng.normal(size=(14, 12))
     for accuracy in (1e-4, 1e-8):
         block = make_block(accuracy=accuracy)
@@ -145,7 +151,9 @@ def test_batch_matches_single_graphs_with_mixed_boundaries():
         block(make_ctx(pos_b, feats[4:]))["energy"],
     ]
     # one graph periodic, the other open: pbc per graph
-    ctx = make_ctx(np.concatenate([pos_a, pos_b]), feats, cell=np.stack([cell, np.zeros((3, 3))]), sizes=[4, 3])
+    ctx = make_ctx(
+        np.concatenate([pos_a, pos_b]), feats, cell=np.stack([cell, np.zeros((3, 3))]), sizes=[4, 3]
+    )
     ctx["pbc"] = torch.tensor([[True] * 3, [False] * 3])
     batched = block(ctx)["energy"]
     torch.testing.assert_close(batched, torch.cat(single), rtol=1e-12, atol=1e-12)
@@ -162,7 +170,11 @@ def test_bad_input_and_options_are_rejected():
     rng = np.random.default_rng(6)
     block = make_block()
     with pytest.raises(ValueError, match="exactly one periodic direction"):
-        block(make_ctx(random_molecule(rng), rng.normal(size=(6, 12)), cell=np.eye(3) * 5, pbc=(True, False, False)))
+        block(
+            make_ctx(
+                random_molecule(rng), rng.normal(size=(6, 12)), cell=np.eye(3) * 5, pbc=(True, False, False)
+            )
+        )
     with pytest.raises(ValueError, match="sigma_min < sigma_max"):
         AttentionBlock(IRREPS, [1], 4.5, sigma_min=5.0, sigma_max=3.0)
     with pytest.raises(ValueError, match="sigma_init"):
