@@ -257,16 +257,21 @@ class AttentionBlock(LongRangeBlock):
         ghat = (2.0 * math.pi * s2) ** 1.5 * torch.exp(-0.5 * s2 * g2[None])  # [H, G, K] Å³
         weight = (factor[None] * ghat).permute(1, 0, 2)  # [G, H, K] Å⁻³·Å³
         phase = (positions[:, None, :] * gvec[batch]).sum(-1)  # [N, K]
-        cos, sin = torch.cos(phase), torch.sin(phase)
         n_k = phase.shape[1]
-        s_cos = torch.zeros((n_graphs, n_k, u.shape[1]), dtype=u.dtype, device=u.device)
-        s_sin = torch.zeros_like(s_cos)
-        s_cos = s_cos.index_add(0, batch, cos[:, :, None] * u[:, None, :])  # [G, K, F]
-        s_sin = s_sin.index_add(0, batch, sin[:, :, None] * u[:, None, :])
+        # pad atoms per graph ([G, n_max, ...]) so that both sums over atoms and over k are
+        # batched matrix products (no [N, K, F] intermediate)
+        ptr = ctx["ptr"]
+        n_max = int((ptr[1:] - ptr[:-1]).max())
+        slot = batch * n_max + (torch.arange(n, device=batch.device) - ptr[batch])
+        trig = torch.cat([torch.cos(phase), torch.sin(phase)], dim=1)  # [N, 2K]
+        trig_p = trig.new_zeros((n_graphs * n_max, 2 * n_k)).index_copy(0, slot, trig)
+        trig_p = trig_p.view(n_graphs, n_max, 2 * n_k)
+        u_p = u.new_zeros((n_graphs * n_max, u.shape[1])).index_copy(0, slot, u).view(n_graphs, n_max, -1)
+        structure = torch.bmm(trig_p.transpose(1, 2), u_p)  # [G, 2K, F]: Σ_j cos/sin(G·r_j) u_j
         f = self.key_dim * self.value_dim
         w = weight[:, :, :, None].expand(n_graphs, self.heads, n_k, f).permute(0, 2, 1, 3)
-        w = w.reshape(n_graphs, n_k, -1)  # [G, K, F]
-        out = (cos[:, :, None] * (w * s_cos)[batch]).sum(1) + (sin[:, :, None] * (w * s_sin)[batch]).sum(1)
+        w = w.reshape(n_graphs, n_k, -1).repeat(1, 2, 1)  # [G, 2K, F]
+        out = torch.bmm(trig_p, w * structure).reshape(n_graphs * n_max, -1).index_select(0, slot)
         out = out.view(n, self.heads, self.key_dim, self.value_dim)
         return self.feature_scale * (q[:, :, :, None] * out).sum(2)
 

@@ -92,8 +92,15 @@ def main() -> None:
     parser.add_argument("--base", type=Path, default=DATA / "base_mace.model")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--e0s", default="average", help="mace --E0s (average: least squares on the training set)")
-    parser.add_argument("--blocks", default="sr,les,attention,mesh", help="comma-separated subset of " + ",".join(BLOCKS))
+    parser.add_argument(
+        "--e0s", default="average", help="mace --E0s (average: least squares on the training set)"
+    )
+    parser.add_argument(
+        "--reuse", action="store_true", help="skip fine-tunes whose .model is already in --out"
+    )
+    parser.add_argument(
+        "--blocks", default="sr,les,attention,mesh", help="comma-separated subset of " + ",".join(BLOCKS)
+    )
     args = parser.parse_args()
     epochs = args.epochs or (1 if args.fast else 40)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -128,11 +135,17 @@ def main() -> None:
             f"{LABELS[n]:<24}",
         )
         for n in names
+        if not (args.reuse and (args.out / f"nonlocal_{n}.model").is_file())
     }
-    run_with_progress(runs, args.out, epochs)
+    if runs:
+        run_with_progress(runs, args.out, epochs)
     print(f"fine-tuning took {time.perf_counter() - t0:.0f} s")
 
-    calcs = {"base (no fine-tuning)": MACECalculator(model_paths=str(args.base), device="cpu", default_dtype="float64")}
+    calcs = {
+        "base (no fine-tuning)": MACECalculator(
+            model_paths=str(args.base), device="cpu", default_dtype="float64"
+        )
+    }
     for n in names:
         path = str(args.out / f"nonlocal_{n}.model")
         calcs[LABELS[n]] = (
@@ -160,7 +173,9 @@ def main() -> None:
         f_rmse = 1000 * np.sqrt(np.mean((np.concatenate(forces) - ref_f) ** 2))
         pred_dd = ddE(test, energies)
         dd_rmse = 1000 * np.sqrt(np.mean((pred_dd - ref_dd) ** 2))
-        lines.append(f"{label:<24} {e_rmse:13.1f} {f_rmse:15.1f} {dd_rmse:15.1f} {1000 * pred_dd.mean():21.1f}")
+        lines.append(
+            f"{label:<24} {e_rmse:13.1f} {f_rmse:15.1f} {dd_rmse:15.1f} {1000 * pred_dd.mean():21.1f}"
+        )
     lines.append(
         f"floor of any additive (short-range) model: RMSE E >= rms(ddE)/4 = {1000 * np.sqrt(np.mean(ref_dd**2)) / 4:.1f} meV"
     )
