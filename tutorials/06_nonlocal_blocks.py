@@ -59,7 +59,7 @@ def _command(name: str, block, out: Path, train: Path, valid: Path, epochs: int,
         "--energy_key", "REF_energy", "--forces_key", "REF_forces",
         "--total_charge_key", "charge",
         "--E0s", args.e0s,
-        "--energy_weight", "100.0", "--forces_weight", "1.0",
+        "--energy_weight", str(args.energy_weight), "--forces_weight", str(args.forces_weight),
         "--max_num_epochs", str(epochs), "--batch_size", "4", "--valid_batch_size", "12",
         "--lr", str(args.lr), "--scheduler_patience", "5", "--ema", "--ema_decay", "0.99",
         "--device", "cpu", "--default_dtype", "float64", "--seed", str(args.seed), "--pin_memory", "False",
@@ -92,6 +92,8 @@ def main() -> None:
     parser.add_argument("--base", type=Path, default=DATA / "base_mace.model")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--energy_weight", type=float, default=1000.0)
+    parser.add_argument("--forces_weight", type=float, default=1.0)
     parser.add_argument(
         "--e0s", default="average", help="mace --E0s (average: least squares on the training set)"
     )
