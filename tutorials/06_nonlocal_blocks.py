@@ -20,7 +20,7 @@ same command line a user would type, side by side:
 then evaluates all of them from ASE on the held-out quartets (``nonlocal_test.xyz``) and
 prints energy, force and ddE errors side by side.
 
-    python tutorials/06_nonlocal_blocks.py            # ~10-20 minutes on 2 CPU cores
+    python tutorials/06_nonlocal_blocks.py            # ~15 minutes on 2 CPU cores (run A of data/README.md)
     python tutorials/06_nonlocal_blocks.py --fast     # smoke run (used by the tests)
 """
 
@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--base", type=Path, default=DATA / "base_mace.model")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--energy_weight", type=float, default=1000.0)
+    parser.add_argument("--energy_weight", type=float, default=100.0)
     parser.add_argument("--forces_weight", type=float, default=1.0)
     parser.add_argument(
         "--e0s", default="average", help="mace --E0s (average: least squares on the training set)"
@@ -104,7 +104,7 @@ def main() -> None:
         "--blocks", default="sr,les,attention,mesh", help="comma-separated subset of " + ",".join(BLOCKS)
     )
     args = parser.parse_args()
-    epochs = args.epochs or (1 if args.fast else 40)
+    epochs = args.epochs or (1 if args.fast else 12)
     args.out.mkdir(parents=True, exist_ok=True)
 
     import ase.io
