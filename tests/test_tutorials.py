@@ -160,3 +160,34 @@ def test_ionic_diagnostics_fast(tmp_path):
     assert (out_dir / "sqq.png").stat().st_size > 10_000
     assert (out_dir / "conductivity.png").stat().st_size > 10_000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["diagnostics"], "files written outside --out"
+
+
+def test_nonlocal_blocks_fast(tmp_path):
+    """Tutorial 6: CLI fine-tunes with and without the attention block on the polyyne quartets."""
+    out_dir = tmp_path / "nonlocal"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, str(TUTORIALS / "06_nonlocal_blocks.py"), "--fast", "--blocks", "sr,attention",
+         "--out", str(out_dir)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+        env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"tutorial failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    rows = {}
+    for line in proc.stdout.splitlines():
+        m = re.match(r"^(.+?fine-tun\w+\)?)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s*$", line)
+        if m:
+            rows[m.group(1).strip()] = [float(x) for x in m.groups()[1:]]
+    assert {"base (no fine-tuning)", "short-range fine-tuned", "attention fine-tuned"} <= set(rows), (
+        proc.stdout
+    )
+    # the data are built so that any short-range model is exactly additive across a quartet:
+    # its predicted non-additivity ddE must vanish (to rounding), whatever it learned
+    for name in ("base (no fine-tuning)", "short-range fine-tuned"):
+        assert abs(rows[name][3]) < 0.05, f"{name} predicts ddE = {rows[name][3]} meV"
+    assert all(math.isfinite(x) for r in rows.values() for x in r)
+    assert (out_dir / "nonlocal_attention.model").is_file() and (out_dir / "summary.txt").is_file()
+    assert "floor of any additive" in proc.stdout
