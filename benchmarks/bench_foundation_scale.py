@@ -38,11 +38,14 @@ def _worker(n_cells: int, variant: str, repeats: int, dtype: str, arch: str, out
     tdtype = getattr(torch, dtype)
     atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True) * (n_cells, n_cells, n_cells)
     atoms.positions += np.random.default_rng(0).normal(scale=0.1, size=atoms.positions.shape)
-    base = T.make_foundation_like_model(arch, dtype=tdtype)
+    # built in float64 and cast, so that float32 and float64 runs have the same weights
+    base = T.make_foundation_like_model(arch, dtype=torch.float64)
     if variant == "base":
         model = base
     else:
         model = T.perturb_blocks(mace_lr.augment(base, variant.split("+")[1]), scale=0.3)
+    model = model.to(tdtype)
+    base = base.to(tdtype)
     for p in model.parameters():
         p.requires_grad_(False)
     batch = atoms_to_batch([atoms], base.atomic_numbers.tolist(), float(base.r_max), dtype=tdtype)
@@ -83,6 +86,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float64", "float32"])
     parser.add_argument("--arch", default="mp0-medium")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--keep", help="directory for the per-run outputs (default: a new temporary one)")
     parser.add_argument("--json", help="write the raw rows to this file")
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -92,7 +96,7 @@ def main() -> None:
         return
     import numpy as np
 
-    tmp = tempfile.mkdtemp(prefix="bench_foundation_")
+    tmp = args.keep or tempfile.mkdtemp(prefix="bench_foundation_")
     rows = []
     for n in args.sizes:
         n_cells = round((n / 8) ** (1 / 3))
