@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Sequence
 import torch
 
 from mace_lr import LongRangeBlock
-from mace_lr.electrostatics import coulomb_potential_batch, coulomb_potential_open
+from mace_lr.electrostatics import coulomb_potential_batch
 from mace_lr.nn import graph_sum, scalar_feature_indices, straight_through_coupling
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ class LESBlock(LongRangeBlock):
         safe = torch.clamp(gamma, min=1e-30)
         return torch.where(gamma > 0, torch.sqrt(safe), torch.zeros_like(gamma))
 
+    @torch.jit.ignore
     def coulomb_energies(
         self,
         positions: torch.Tensor,
@@ -113,30 +114,17 @@ class LESBlock(LongRangeBlock):
         ptr: torch.Tensor,
         batch: torch.Tensor,
     ) -> torch.Tensor:
-        """Coulomb energy of each graph [n_graphs], eV.
-
-        Eager: one batched engine call (open, bulk and slab graphs). Scripted
-        (``torch.jit.script``, deployable without Python): open boundaries only, through the
-        same exact pair sum; a periodic graph raises.
-        """
-        if torch.jit.is_scripting():
-            if bool(pbc.any()):
-                raise RuntimeError(
-                    "the TorchScript LES block evaluates open-boundary structures only; "
-                    "periodic cells and slabs need the eager (Python) model"
-                )
-            phi = coulomb_potential_open(positions, charges[:, None], ptr, self.smearing)[:, 0]
-        else:
-            phi = coulomb_potential_batch(
-                positions,
-                charges,
-                cell,
-                pbc,
-                ptr,
-                smearing=self.smearing,
-                accuracy=self.accuracy,
-                method=self.method,
-            )
+        """Coulomb energy of each graph [n_graphs], eV (runs in Python under TorchScript)."""
+        phi = coulomb_potential_batch(
+            positions,
+            charges,
+            cell,
+            pbc,
+            ptr,
+            smearing=self.smearing,
+            accuracy=self.accuracy,
+            method=self.method,
+        )
         return graph_sum(0.5 * charges * phi, batch, ptr.shape[0] - 1)
 
     def forward(self, ctx: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

