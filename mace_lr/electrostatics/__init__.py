@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ._batch import coulomb_potential_batched
+from ._batch import coulomb_potential_batched, coulomb_potential_open
 from ._engine import cache_info, coulomb_potential_single
 from ._kernels import COULOMB_CONSTANT
 from ._qeq import ChargeEquilibrationError, GaussianCoulombOperator, solve_qeq
@@ -25,6 +25,7 @@ __all__ = [
     "coulomb_energy",
     "coulomb_potential",
     "coulomb_potential_batch",
+    "coulomb_potential_open",
     "solve_qeq",
     "solve_qeq_open_batch",
 ]

@@ -33,10 +33,14 @@ from ._engine import (
     coulomb_potential_single,
     validate_inputs,
 )
-from ._kernels import COINCIDENT_R2, COULOMB_CONSTANT, cell_volume, pair_kernel
+from ._kernels import COINCIDENT_R2, COULOMB_CONSTANT, cell_volume
 
 #: Largest number of pair entries (graphs × n_max²) held at once by the open-boundary sum.
 MAX_PAIR_ELEMENTS = 2_000_000
+
+
+# the scripted functions below write COINCIDENT_R2 and COULOMB_CONSTANT as literals
+assert COINCIDENT_R2 == 1e-12 and COULOMB_CONSTANT == 14.399645
 
 
 def open_potential_padded(
@@ -66,9 +70,15 @@ def open_potential_padded(
     real = slots[None, :] < counts[:, None]  # [G, n]
     valid = real[:, :, None] & real[:, None, :] & (slots[:, None] != slots[None, :])[None]
     diff = pos[:, :, None, :] - pos[:, None, :, :]
-    r2 = torch.clamp((diff * diff).sum(-1), min=COINCIDENT_R2)  # coincident Gaussian sites
+    # coincident Gaussian sites: distances clamped at 1e-6 Å (_kernels.COINCIDENT_R2; a
+    # literal here because TorchScript does not read module globals)
+    r2 = torch.clamp((diff * diff).sum(-1), min=1e-12)
     r = torch.sqrt(torch.where(valid, r2, torch.ones_like(r2)))
-    v = torch.where(valid, pair_kernel(r, smearing), torch.zeros_like(r))
+    if smearing > 0.0:
+        kernel = torch.erf(r / (math.sqrt(2.0) * smearing)) / r
+    else:
+        kernel = 1.0 / r
+    v = torch.where(valid, kernel, torch.zeros_like(r))
     phi = torch.bmm(v, q)  # [G, n, C]
     return phi[graph, local]
 
@@ -289,3 +299,42 @@ def coulomb_potential_batched(
         out = out.index_put((atoms,), phi)
     out = out * COULOMB_CONSTANT
     return out[:, 0] if squeeze else out
+
+
+def coulomb_potential_open(
+    positions: torch.Tensor,
+    charges: torch.Tensor,
+    ptr: torch.Tensor,
+    smearing: float = 0.0,
+    max_elements: int = MAX_PAIR_ELEMENTS,
+) -> torch.Tensor:
+    """Potential (V) of open-boundary graphs, TorchScript-compilable (no Python callbacks).
+
+    The same padded pair computation as :func:`coulomb_potential_batched` uses for open
+    graphs, in chunks of ``max(1, max_elements // n_max²)`` graphs (one graph larger than
+    the budget is evaluated whole).
+
+    Args:
+        positions: [n_atoms, 3] Å, graph after graph.
+        charges: [n_atoms, n_channels] e.
+        ptr: [n_graphs + 1] int64 atom offsets.
+        smearing: Gaussian width σ, Å (0: point charges).
+        max_elements: bound on graphs × n_max² pair entries per chunk.
+
+    Returns:
+        [n_atoms, n_channels] V.
+    """
+    counts = ptr[1:] - ptr[:-1]
+    n_graphs = counts.shape[0]
+    if n_graphs == 0 or positions.shape[0] == 0:
+        return torch.zeros_like(charges)
+    n_max = int(counts.max())
+    per_chunk = max(1, max_elements // max(1, n_max * n_max))
+    parts: List[torch.Tensor] = []
+    for g0 in range(0, n_graphs, per_chunk):
+        g1 = min(n_graphs, g0 + per_chunk)
+        a = int(ptr[g0])
+        b = int(ptr[g1])
+        cnt = counts[g0:g1]
+        parts.append(open_potential_padded(positions[a:b], charges[a:b], cnt, int(cnt.max()), smearing))
+    return torch.cat(parts, 0) * 14.399645  # COULOMB_CONSTANT, eV·Å/e²
