@@ -120,6 +120,19 @@ def test_supercell_consistency_exact_when_commensurate(trained):
     e8 = _block_energy(trained, [cell * (2, 2, 2)])[0]
     assert abs(e1) > 1e-3
     assert abs(e8 - 8 * e1) <= 1e-8 * abs(8 * e1), (e8, 8 * e1)
+    e27 = _block_energy(trained, [cell * (3, 3, 3)])[0]
+    assert abs(e27 - 27 * e1) <= 1e-8 * abs(27 * e1), (e27, 27 * e1)
+
+
+def test_supercell_consistency_otherwise_at_discretisation_level(trained):
+    """a = 5 Å: 6 mesh points for the cell but 10 (not 12) for the 2×2×2 supercell."""
+    rng = np.random.default_rng(1)
+    cell = bulk("NaCl", "rocksalt", a=5.0, cubic=True)
+    cell.positions += rng.normal(scale=0.1, size=cell.positions.shape)
+    e1 = _block_energy(trained, [cell])[0]
+    e8 = _block_energy(trained, [cell * (2, 2, 2)])[0]
+    rel = abs(e8 - 8 * e1) / abs(8 * e1)
+    assert rel <= 1e-5, rel
 
 
 def test_two_distant_copies_are_additive(trained):
