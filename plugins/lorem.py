@@ -19,11 +19,12 @@ of the charges (1o charges give a 1o potential, 2e give 2e; inversion leaves the
 unchanged, so parities are kept).
 
 A fully connected tensor product of the atom's own equivariant state h with its potentials
-forms the long-range message, h ← h + Linear(h ⊗ V); ``num_updates`` such updates are made,
-each with new charges from the updated state. An invariant MLP of the final scalars gives
-per-atom energies, summed per graph. Its last layer starts at zero, so the block energy is
-exactly zero at initialisation (the energy is linear in that layer, so, unlike a quadratic
-Coulomb energy, training does not start at a saddle point).
+forms the long-range message, h ← h + (h ⊗ V)_w (weights w per path and channel triple);
+``num_updates`` such updates are made, each with new charges from the updated state. An
+invariant MLP of the final scalars gives per-atom energies, summed per graph. Its last
+layer starts at zero, so the block energy is exactly zero at initialisation (the energy is
+linear in that layer, so, unlike a quadratic Coulomb energy, training does not start at a
+saddle point).
 
 Total charge. The l = 0 channels are corrected per graph to sum to the total charge Q
 (``total_charge``), ``q_ic ← q_ic − ⟨q_c⟩_g + Q_g / N_g``: without it the block would see a
