@@ -191,3 +191,28 @@ def test_nonlocal_blocks_fast(tmp_path):
     assert all(math.isfinite(x) for r in rows.values() for x in r)
     assert (out_dir / "nonlocal_attention.model").is_file() and (out_dir / "summary.txt").is_file()
     assert "floor of any additive" in proc.stdout
+
+
+def test_lorem_cumulenes_fast(tmp_path):
+    """Tutorial 7: three CLI fine-tunes (short-range, LES, lorem), per-length table and plot."""
+    out_dir = tmp_path / "cumulenes"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, str(TUTORIALS / "07_lorem_cumulenes.py"), "--fast", "--out", str(out_dir)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode == 0, f"tutorial failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    rows = {}
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 5 and parts[0] in ("5", "12"):
+            rows.setdefault(int(parts[0]), [float(x) for x in parts[1:]])
+    assert sorted(rows) == [5, 12], f"no per-length rows in:\n{proc.stdout[-2000:]}"
+    for n, (barrier, *rmse) in rows.items():
+        assert abs(barrier) > 0.3 and all(math.isfinite(x) and x > 0 for x in rmse), (n, barrier, rmse)
+    assert (out_dir / "torsion_profiles.png").is_file() and (out_dir / "summary.txt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cumulenes"], "files written outside --out"
