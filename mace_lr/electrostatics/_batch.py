@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from .._geometry import cell_volume
 from ._engine import (
     _cached_parameters,
     _note_net_charge,
@@ -33,7 +34,7 @@ from ._engine import (
     coulomb_potential_single,
     validate_inputs,
 )
-from ._kernels import COINCIDENT_R2, COULOMB_CONSTANT, cell_volume
+from ._kernels import COINCIDENT_R2, COULOMB_CONSTANT, half_space_grid
 
 #: Largest number of pair entries (graphs × n_max²) held at once by the open-boundary sum.
 MAX_PAIR_ELEMENTS = 2_000_000
@@ -157,13 +158,7 @@ def _ewald_group(
     """
     kcut, split = params.kcut, params.split
     cells_d = cells.detach().cpu().double()
-    lengths = torch.linalg.norm(cells_d, dim=-1).amax(0).numpy()
-    nmax = np.ceil(kcut * lengths / (2.0 * math.pi)).astype(int)
-    ranges = [np.arange(-n, n + 1) for n in nmax]
-    grid = np.stack(np.meshgrid(*ranges, indexing="ij"), axis=-1).reshape(-1, 3)
-    keep = (grid[:, 0] > 0) | ((grid[:, 0] == 0) & (grid[:, 1] > 0))
-    keep |= (grid[:, 0] == 0) & (grid[:, 1] == 0) & (grid[:, 2] > 0)
-    grid = grid[keep]
+    grid = half_space_grid(torch.linalg.norm(cells_d, dim=-1).amax(0).numpy(), kcut)
     # each graph keeps exactly the k-vectors its own evaluation would: |k| < kcut, decided
     # in float64 on the detached cell
     recip_d = 2.0 * math.pi * np.linalg.inv(cells_d.numpy()).transpose(0, 2, 1)  # [G, 3, 3]

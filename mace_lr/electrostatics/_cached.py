@@ -29,7 +29,8 @@ from typing import Optional
 
 import torch
 
-from ._kernels import COULOMB_CONSTANT, EwaldParameters, cell_volume
+from .._geometry import cell_volume
+from ._kernels import COULOMB_CONSTANT, EwaldParameters
 
 _INFLUENCE_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
 

@@ -20,11 +20,11 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from .._geometry import cell_volume
 from ._kernels import (
     COINCIDENT_R2,
     COULOMB_CONSTANT,
     EwaldParameters,
-    cell_volume,
     choose_parameters,
     ewald_reciprocal_potential,
     pair_kernel,

@@ -191,20 +191,31 @@ def ewald_kvectors(cell: torch.Tensor, kcut: float) -> torch.Tensor:
     copy).
     """
     cell_d = cell.detach().cpu().double().numpy()
-    lengths = np.linalg.norm(cell_d, axis=1)
-    nmax = np.ceil(kcut * lengths / (2.0 * math.pi)).astype(int)
-    ranges = [np.arange(-n, n + 1) for n in nmax]
-    grid = np.stack(np.meshgrid(*ranges, indexing="ij"), axis=-1).reshape(-1, 3)
-    # one of each ±n pair
-    keep = (grid[:, 0] > 0) | ((grid[:, 0] == 0) & (grid[:, 1] > 0))
-    keep |= (grid[:, 0] == 0) & (grid[:, 1] == 0) & (grid[:, 2] > 0)
-    grid = grid[keep]
+    grid = half_space_grid(np.linalg.norm(cell_d, axis=1), kcut)
     recip_d = 2.0 * math.pi * np.linalg.inv(cell_d).T
     kd = grid @ recip_d
     grid = grid[np.einsum("ki,ki->k", kd, kd) < kcut * kcut]
     recip = 2.0 * math.pi * torch.linalg.inv(cell).transpose(-1, -2)
     n = torch.as_tensor(grid, dtype=cell.dtype, device=cell.device)
     return n @ recip
+
+
+def half_space_grid(lengths: np.ndarray, kcut: float) -> np.ndarray:
+    """Integer reciprocal-lattice indices n ≠ 0 with one of each ±n pair.
+
+    Args:
+        lengths: [3] Å, lattice-vector lengths (the largest over a group of cells).
+        kcut: reciprocal-space cutoff, 1/Å (the box of indices holds every |k| < kcut).
+
+    Returns:
+        [M, 3] int indices with n_x > 0, or n_x = 0 and n_y > 0, or n_x = n_y = 0 and n_z > 0.
+    """
+    nmax = np.ceil(kcut * np.asarray(lengths) / (2.0 * math.pi)).astype(int)
+    ranges = [np.arange(-n, n + 1) for n in nmax]
+    grid = np.stack(np.meshgrid(*ranges, indexing="ij"), axis=-1).reshape(-1, 3)
+    keep = (grid[:, 0] > 0) | ((grid[:, 0] == 0) & (grid[:, 1] > 0))
+    keep |= (grid[:, 0] == 0) & (grid[:, 1] == 0) & (grid[:, 2] > 0)
+    return grid[keep]
 
 
 def ewald_reciprocal_potential(
