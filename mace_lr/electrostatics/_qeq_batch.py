@@ -22,7 +22,7 @@ from typing import Dict, Optional
 import torch
 
 from ._kernels import COINCIDENT_R2, COULOMB_CONSTANT
-from ._qeq import _erfcinv
+from ._qeq_operator import _erfcinv
 
 _SQRT2 = math.sqrt(2.0)
 _SQRTPI = math.sqrt(math.pi)
