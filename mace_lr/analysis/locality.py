@@ -9,6 +9,7 @@ import torch
 
 from .._data import atoms_to_batch
 from .._model import LongRangeMACE
+from .plots import _finish, _pyplot
 
 
 def locality_probe(
@@ -71,11 +72,7 @@ def plot_locality(probes: Dict[str, Dict[str, np.ndarray]], path, cutoff: Option
         path: image file to write.
         cutoff: receptive field of the base model to mark (Å), e.g. interactions × r_max.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     floor = 1e-16
     for (label, probe), marker in zip(probes.items(), "os^vD"):
@@ -87,10 +84,11 @@ def plot_locality(probes: Dict[str, Dict[str, np.ndarray]], path, cutoff: Option
     if cutoff is not None:
         ax.axvline(cutoff, color="k", ls="--", lw=1, label=f"receptive field {cutoff:g} Å")
     ax.set_yscale("log")
-    ax.set_xlabel("distance |R_i − R_k| (Å)")
-    ax.set_ylabel("‖∂q_i/∂R_k‖ (e/Å)  (exact zeros drawn at 1e-16)")
-    ax.set_title("Locality probe: charge response to distant atoms")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(
+        fig,
+        ax,
+        "distance |R_i − R_k| (Å)",
+        "‖∂q_i/∂R_k‖ (e/Å)  (exact zeros drawn at 1e-16)",
+        "Locality probe: charge response to distant atoms",
+        path,
+    )

@@ -16,6 +16,17 @@ def _pyplot():
     return plt
 
 
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path, legend_size: int = 8) -> None:
+    """Axis labels, title and legend, then write ``path`` (PNG, 120 dpi) and close the figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+
+
 def plot_sqq(results: Mapping[str, Dict], path, log: bool = True) -> None:
     """S_QQ(k) of several models (label → :func:`charge_structure_factor` output) with k² guides."""
     plt = _pyplot()
@@ -46,13 +57,7 @@ def plot_sqq(results: Mapping[str, Dict], path, log: bool = True) -> None:
     if log:
         ax.set_xscale("log")
         ax.set_yscale("log")
-    ax.set_xlabel("k (Å⁻¹)")
-    ax.set_ylabel("S_QQ(k) (e²)")
-    ax.set_title("Charge structure factor (dotted: k² fit at small k)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, "k (Å⁻¹)", "S_QQ(k) (e²)", "Charge structure factor (dotted: k² fit at small k)", path)
 
 
 def plot_dielectric(results: Mapping[str, Dict], path) -> None:
@@ -68,13 +73,14 @@ def plot_dielectric(results: Mapping[str, Dict], path) -> None:
             label=f"{label}: ε = {res['epsilon']:.2f} ± {res['epsilon_err']:.2f}",
         )
         ax.axhline(res["epsilon"], color=line[0].get_color(), ls=":", lw=1)
-    ax.set_xlabel("frames")
-    ax.set_ylabel("ε (running estimate)")
-    ax.set_title("Dielectric constant from total-dipole fluctuations (tin foil)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(
+        fig,
+        ax,
+        "frames",
+        "ε (running estimate)",
+        "Dielectric constant from total-dipole fluctuations (tin foil)",
+        path,
+    )
 
 
 def plot_conductivity(results: Mapping[str, Dict], path) -> None:
@@ -97,13 +103,15 @@ def plot_conductivity(results: Mapping[str, Dict], path) -> None:
             label=f"{label} EH: {res['sigma_eh']:.0f} ± {res['sigma_eh_err']:.0f} S/m",
         )
         ax.axvline(res["fit_start"], color=c, ls=":", lw=0.8)
-    ax.set_xlabel("correlation time τ (fs)")
-    ax.set_ylabel("σ (S/m)")
-    ax.set_title("Ionic conductivity: GK ∫⟨J·J⟩ (lines), Einstein–Helfand (bands)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(
+        fig,
+        ax,
+        "correlation time τ (fs)",
+        "σ (S/m)",
+        "Ionic conductivity: GK ∫⟨J·J⟩ (lines), Einstein–Helfand (bands)",
+        path,
+        legend_size=7,
+    )
 
 
 def plot_size_consistency(results: Mapping[str, Dict], path) -> None:
@@ -118,10 +126,6 @@ def plot_size_consistency(results: Mapping[str, Dict], path) -> None:
         ax.plot(first["distance"], np.abs(first["coulomb_tail"]), "k--", lw=1, label="|k_e q_A q_B / d|")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("separation d (Å)")
-    ax.set_ylabel("|U(A…B) − U(A) − U(B)| (eV)  (zeros at 1e-12)")
-    ax.set_title("Size consistency")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(
+        fig, ax, "separation d (Å)", "|U(A…B) − U(A) − U(B)| (eV)  (zeros at 1e-12)", "Size consistency", path
+    )
