@@ -6,10 +6,11 @@ only.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import re
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterator, List
 
 import mace  # noqa: F401  (must be imported before e3nn on torch 2.13)
 import numpy as np
@@ -276,6 +277,23 @@ def export_base(model: torch.nn.Module) -> Dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def building_in(dtype: torch.dtype) -> Iterator[None]:
+    """Build a MACE model in ``dtype``: the one place mace-lr switches the default dtype.
+
+    e3nn computes its coupling coefficients in the default dtype when a model is built;
+    building in float32 and casting would leave float32-accurate constants in a float64
+    model (equivariance then holds to 1e-7 only). mace offers no dtype argument, so the
+    default is switched for the construction alone and restored at once, also on errors.
+    """
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def import_base(spec: Dict[str, Any]) -> torch.nn.Module:
     """Rebuild a MACE model from :func:`export_base` output (allow-listed names only)."""
     cls = _decode({"__callable__": spec["class"]})
@@ -284,12 +302,8 @@ def import_base(spec: Dict[str, Any]) -> torch.nn.Module:
         if isinstance(config.get(key), torch.Tensor):
             config[key] = config[key].numpy()
     dtype = getattr(torch, spec.get("dtype", "float64"))
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
+    with building_in(dtype):
         model = cls(**config)
-    finally:
-        torch.set_default_dtype(previous)
     state = dict(spec["state_dict"])
     # files written by mace-lr before export_base upgraded old models lack the buffers of
     # ZEROED_BUFFER: compute them from the stored U matrices, as export_base does now

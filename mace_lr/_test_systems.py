@@ -4,29 +4,13 @@ random MACE, random MACEs with foundation-model architectures, rattled NaCl stru
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import mace  # noqa: F401
 import numpy as np
 import torch
 
-
-@contextlib.contextmanager
-def _building_in(dtype: torch.dtype) -> Iterator[None]:
-    """Build a MACE model in ``dtype``: the one place the default dtype is switched.
-
-    e3nn computes its coupling coefficients in the default dtype when a model is built;
-    building in float32 and casting would leave float32-accurate constants in a float64
-    model (equivariance then holds to 1e-7 only). mace offers no dtype argument, so the
-    default is switched for the construction alone and restored at once.
-    """
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
+from ._mace_adapter import building_in
 
 
 def make_test_model(
@@ -42,7 +26,7 @@ def make_test_model(
     from e3nn import o3
     from mace.modules import RealAgnosticResidualInteractionBlock, ScaleShiftMACE
 
-    with _building_in(dtype):
+    with building_in(dtype):
         torch.manual_seed(seed)
         n = len(atomic_numbers)
         kwargs: Dict[str, Any] = {}
@@ -140,7 +124,7 @@ def make_foundation_like_model(
         raise ValueError(f"unknown architecture {name!r}; choose from {', '.join(FOUNDATION_ARCHITECTURES)}")
     arch = FOUNDATION_ARCHITECTURES[name]
     numbers = arch["atomic_numbers"]
-    with _building_in(dtype):
+    with building_in(dtype):
         torch.manual_seed(seed)
         model = ScaleShiftMACE(
             r_max=arch["r_max"],

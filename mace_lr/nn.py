@@ -19,6 +19,13 @@ Identity at initialisation and per-structure sums:
 
 * :func:`straight_through_coupling` — the gate γ = max(a, 0) that starts a block silent;
 * :func:`graph_sum` — per-graph sums of per-atom values (energies, dipoles, charges).
+
+Per-element options and positive parameters:
+
+* :func:`element_values` — a user mapping element → number (symbols or atomic numbers)
+  as one value per element of the base model, with clear errors;
+* :func:`element_number` — the atomic number of a symbol or number;
+* :func:`softplus_inverse` — the raw value of a parameter kept positive by softplus.
 """
 
 from __future__ import annotations
@@ -26,15 +33,19 @@ from __future__ import annotations
 import torch
 
 from ._block import straight_through_coupling
+from ._elements import element_number, element_values, softplus_inverse
 from ._equivariant import bessel_wavenumbers, feature_vectors, neighbour_vectors
 from ._mace_adapter import scalar_feature_indices, vector_feature_indices
 
 __all__ = [
     "bessel_wavenumbers",
+    "element_number",
+    "element_values",
     "feature_vectors",
     "graph_sum",
     "neighbour_vectors",
     "scalar_feature_indices",
+    "softplus_inverse",
     "straight_through_coupling",
     "vector_feature_indices",
 ]

@@ -38,15 +38,14 @@ large periodic cells) or ``"auto"``; derivatives go through the same solver
 
 import logging
 import math
-from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from mace_lr import Input, LongRangeBlock, Output, Target
-from mace_lr.electrostatics import COULOMB_CONSTANT, solve_qeq
-from mace_lr.nn import scalar_feature_indices
+from mace_lr.electrostatics import COULOMB_CONSTANT, solve_qeq_batch
+from mace_lr.nn import scalar_feature_indices, softplus_inverse, straight_through_coupling
 
 logger = logging.getLogger(__name__)
 
@@ -74,13 +73,6 @@ _IP_EA: Dict[int, Tuple[float, float]] = {
 }
 _DEFAULT_IP_EA = (8.0, 1.0)
 _MIN_HARDNESS = 0.5
-
-# last converged charges per structure (warm starts for MD; never used while training)
-_WARM_START: "OrderedDict[Tuple[int, bytes], torch.Tensor]" = OrderedDict()
-
-
-def _softplus_inverse(y: float) -> float:
-    return y + math.log(-math.expm1(-y))
 
 
 def initial_element_parameters(atomic_numbers: Sequence[int]) -> Dict[str, List[float]]:
@@ -236,8 +228,8 @@ class QEqBlock(LongRangeBlock):
             "element_z", torch.tensor(self.atomic_numbers, dtype=torch.int64), persistent=False
         )
         self.electronegativity = torch.nn.Parameter(torch.tensor(init["electronegativity"]))
-        self.hardness_raw = torch.nn.Parameter(torch.tensor([_softplus_inverse(j) for j in init["hardness"]]))
-        widths_raw = torch.tensor([_softplus_inverse(s) for s in init["widths"]])
+        self.hardness_raw = torch.nn.Parameter(torch.tensor([softplus_inverse(j) for j in init["hardness"]]))
+        widths_raw = torch.tensor([softplus_inverse(s) for s in init["widths"]])
         if learn_widths:
             self.widths_raw = torch.nn.Parameter(widths_raw)
         else:
@@ -270,8 +262,7 @@ class QEqBlock(LongRangeBlock):
 
     def gamma(self) -> torch.Tensor:
         """Coupling γ = max(a, 0), with the gradient of ``a`` passed straight through."""
-        a = self.coupling
-        return a + (torch.clamp(a, min=0.0) - a).detach()
+        return straight_through_coupling(self.coupling)
 
     def hardness(self) -> torch.Tensor:
         """J per element, eV/e² (in the base model's element order)."""
@@ -292,107 +283,33 @@ class QEqBlock(LongRangeBlock):
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """QEq energies [G], charges [N] and electrode-1 charges [G] (runs in Python).
 
-        A batch of open-boundary structures without electrodes that the dense solver
-        takes is solved in one batched dense solve (one Lagrange multiplier per graph);
-        anything else (periodic cells, slabs, electrodes, CG) structure by structure.
+        :func:`mace_lr.electrostatics.solve_qeq_batch` solves a batch of open molecules
+        in one dense solve and anything else structure by structure.
         """
-        from mace_lr.electrostatics import solve_qeq_open_batch
-
-        ptr = ctx["ptr"]
-        counts = ptr[1:] - ptr[:-1]
-        n_largest = int(counts.max()) if counts.numel() else 0
-        dense = self.solver == "dense" or (self.solver == "auto" and n_largest <= self.dense_max_atoms)
-        if (
-            counts.numel()
-            and dense
-            and not bool(ctx["pbc"].any())
-            and not bool((ctx["electrode"] > 0).any())
-            and bool((counts > 0).all())
-        ):
-            self.last_iterations = [0] * int(counts.numel())
-            result = solve_qeq_open_batch(
-                positions,
-                chi,
-                hardness,
-                widths,
-                ptr,
-                ctx["total_charge"].to(positions.dtype),
-                accuracy=self.accuracy,
-                base_smearing=self.base_smearing,
-                n_max=n_largest,
-            )
-            return result["energy"], result["charges"], positions.new_zeros(int(counts.numel()))
-        bounds = ctx["ptr"].tolist()
-        flags = ctx["pbc"].tolist()
-        electrode = ctx["electrode"]
-        potential = ctx["electrode_potential"].to(positions.dtype)
-        energies, charges, electrode_charges = [], [], []
-        self.last_iterations = []  # CG iterations per structure (diagnostics, benchmarks)
-        steps = 2 if self.fourth_generation else 1
-        for g in range(len(bounds) - 1):
-            a, b = bounds[g], bounds[g + 1]
-            tags = electrode[a:b]
-            chi_g = chi[a:b]
-            groups: Optional[torch.Tensor] = None
-            group_charges: Optional[torch.Tensor] = None
-            total = ctx["total_charge"][g]
-            if bool((tags > 0).any()):
-                # electrodes at ±ΔV/2, neutral as a pair; the rest keeps the total charge
-                v = torch.where(tags == 1, 0.5 * potential[g], -0.5 * potential[g])
-                chi_g = chi_g - torch.where(tags > 0, v, torch.zeros_like(v))
-                in_electrode = (tags > 0).to(torch.int64)
-                if bool((tags == 0).any()):
-                    groups = in_electrode
-                    group_charges = torch.stack([total, torch.zeros_like(total)])
-                else:
-                    if abs(float(total)) > 1e-12:
-                        raise ValueError(
-                            f"structure {g}: every atom is an electrode atom, so the total charge "
-                            f"must be 0 (the electrode pair is kept neutral), got {float(total):g}"
-                        )
-                    groups = torch.zeros_like(in_electrode)
-                    group_charges = total.reshape(1)
-            n = b - a
-            solver = self.solver
-            if solver == "auto":
-                solver = "dense" if n <= self.dense_max_atoms else "cg"
-            key = (n, ctx["atomic_numbers"][a:b].detach().cpu().numpy().tobytes())
-            guess = None
-            use_warm = self.warm_start and not self.training and solver == "cg"
-            if use_warm:
-                guess = _WARM_START.get(key)
-            result = solve_qeq(
-                positions[a:b],
-                chi_g,
-                hardness[a:b],
-                widths[a:b],
-                ctx["cell"][g],
-                flags[g],
-                total,
-                groups=groups,
-                group_charges=group_charges,
-                solver=solver,
-                tol=self.tol,
-                max_iter=self.max_iter,
-                accuracy=self.accuracy,
-                method=self.method,
-                base_smearing=self.base_smearing,
-                newton_steps=steps,
-                initial_guess=guess,
-            )
-            q = result["charges"]
-            self.last_iterations.append(int(result["iterations"]))
-            if use_warm:
-                _WARM_START[key] = q.detach()
-                while len(_WARM_START) > 16:
-                    _WARM_START.popitem(last=False)
-            energies.append(result["energy"])
-            charges.append(q)
-            electrode_charges.append(torch.where(tags == 1, q, torch.zeros_like(q)).sum())
-        if not energies:
-            empty = positions.new_zeros(0)
-            return empty, empty, empty
-        return torch.stack(energies), torch.cat(charges), torch.stack(electrode_charges)
+        result = solve_qeq_batch(
+            positions,
+            chi,
+            hardness,
+            widths,
+            ctx["cell"],
+            ctx["pbc"],
+            ctx["ptr"],
+            ctx["total_charge"],
+            ctx["atomic_numbers"],
+            electrode=ctx["electrode"],
+            electrode_potential=ctx["electrode_potential"],
+            solver=self.solver,
+            dense_max_atoms=self.dense_max_atoms,
+            tol=self.tol,
+            max_iter=self.max_iter,
+            accuracy=self.accuracy,
+            method=self.method,
+            base_smearing=self.base_smearing,
+            newton_steps=2 if self.fourth_generation else 1,
+            warm_start=self.warm_start and not self.training,
+        )
+        self.last_iterations = result["iterations"].tolist()  # CG iterations (diagnostics)
+        return result["energy"], result["charges"], result["electrode_charge"]
 
     def forward(self, ctx: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         positions = ctx["positions"]

@@ -37,7 +37,7 @@ relative positions only, the Born charges obey :math:`\sum_i Z^*_i = Q\,I` with
 """
 
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
 
@@ -45,6 +45,7 @@ from mace_lr import LongRangeBlock, Output, Target
 from mace_lr.electrostatics import coulomb_potential_batch
 from mace_lr.nn import (
     bessel_wavenumbers,
+    element_values,
     feature_vectors,
     neighbour_vectors,
     scalar_feature_indices,
@@ -61,25 +62,6 @@ _VALENCE = {
     19: 1, 20: 2, 31: 3, 32: 4, 33: 5, 34: 6, 35: 7, 36: 8,
     37: 1, 38: 2, 49: 3, 50: 4, 51: 5, 52: 6, 53: 7, 54: 8,
 }  # fmt: skip
-
-
-def _element(key: Any) -> int:
-    """Atomic number of an element given as symbol (``"O"``) or number (``8`` or ``"8"``)."""
-    from ase.data import atomic_numbers as by_symbol
-
-    if isinstance(key, str) and not key.strip().isdigit():
-        if key not in by_symbol:
-            raise ValueError(f"unknown element {key!r}")
-        return int(by_symbol[key])
-    return int(key)
-
-
-def _symbol_map(mapping: Mapping[Any, float], what: str) -> Dict[str, float]:
-    from ase.data import chemical_symbols
-
-    if not isinstance(mapping, Mapping):
-        raise ValueError(f"wannier `{what}` must map elements to numbers, got {mapping!r}")
-    return {chemical_symbols[_element(k)]: float(v) for k, v in mapping.items()}
 
 
 class WannierBlock(LongRangeBlock):
@@ -155,33 +137,19 @@ class WannierBlock(LongRangeBlock):
             raise ValueError(f"wannier `smearing` must be > 0 Å, got {smearing}")
         if int(num_vectors) < 1 or int(num_basis) < 1:
             raise ValueError("wannier `num_vectors` and `num_basis` must be >= 1")
-        electrons = _symbol_map(centroid_electrons, "centroid_electrons")
-        ions = _symbol_map(ion_charges or {}, "ion_charges")
-        known = {chemical_symbols[int(z)] for z in atomic_numbers}
-        for what, mapping in (("centroid_electrons", electrons), ("ion_charges", ions)):
-            extra = sorted(set(mapping) - known)
-            if extra:
-                raise ValueError(
-                    f"wannier `{what}` names element(s) {', '.join(extra)} the base model does not "
-                    f"know; it knows {', '.join(sorted(known))}"
-                )
-        ion_list: List[float] = []
-        for z in atomic_numbers:
-            symbol = chemical_symbols[int(z)]
-            if symbol in ions:
-                ion_list.append(ions[symbol])
-            elif int(z) in _VALENCE:
-                ion_list.append(float(_VALENCE[int(z)]))
-            else:
-                raise ValueError(
-                    f"wannier block: no default ion charge for {symbol}; give it in `ion_charges`"
-                )
+        electrons = element_values(
+            centroid_electrons, atomic_numbers, "wannier `centroid_electrons`", default=lambda z: 0.0
+        )
+        ion_list = element_values(
+            ion_charges, atomic_numbers, "wannier `ion_charges`", default=_VALENCE.get, noun="ion charge"
+        )
+        symbols = [chemical_symbols[int(z)] for z in atomic_numbers]
         super().__init__(
             feature_irreps,
             atomic_numbers,
             r_max,
-            centroid_electrons=electrons,
-            ion_charges={chemical_symbols[int(z)]: q for z, q in zip(atomic_numbers, ion_list)},
+            centroid_electrons={s: n for s, n in zip(symbols, electrons) if n != 0.0},
+            ion_charges=dict(zip(symbols, ion_list)),
             smearing=float(smearing),
             num_vectors=int(num_vectors),
             num_basis=int(num_basis),
@@ -195,13 +163,8 @@ class WannierBlock(LongRangeBlock):
         self.method = str(method)
         self.num_vectors = int(num_vectors)
         dtype = torch.get_default_dtype()
-        symbols = [chemical_symbols[int(z)] for z in atomic_numbers]
         self.register_buffer("ion_charge", torch.tensor(ion_list, dtype=dtype), persistent=False)
-        self.register_buffer(
-            "centroid_charge",
-            torch.tensor([electrons.get(s, 0.0) for s in symbols], dtype=dtype),
-            persistent=False,
-        )
+        self.register_buffer("centroid_charge", torch.tensor(electrons, dtype=dtype), persistent=False)
         scalars = scalar_feature_indices(feature_irreps)
         if not scalars:
             raise ValueError(f"feature irreps {feature_irreps!r} have no invariant (0e) channels")

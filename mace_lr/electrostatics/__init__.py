@@ -16,6 +16,7 @@ from ._engine import cache_info, coulomb_potential_single
 from ._kernels import COULOMB_CONSTANT
 from ._qeq import ChargeEquilibrationError, GaussianCoulombOperator, solve_qeq
 from ._qeq_batch import solve_qeq_open_batch
+from ._qeq_dispatch import solve_qeq_batch
 
 __all__ = [
     "COULOMB_CONSTANT",
@@ -27,6 +28,7 @@ __all__ = [
     "coulomb_potential_batch",
     "coulomb_potential_open",
     "solve_qeq",
+    "solve_qeq_batch",
     "solve_qeq_open_batch",
 ]
 
