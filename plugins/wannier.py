@@ -63,6 +63,28 @@ _VALENCE = {
 }  # fmt: skip
 
 
+def coulomb_sites(
+    positions: torch.Tensor,
+    centroids: torch.Tensor,
+    ion: torch.Tensor,
+    electrons: torch.Tensor,
+    ptr: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sites [S, 3] Å, charges [S] e, graph index [S] and offsets [G + 1] of the charges:
+    graph after graph, each graph's ions followed by its centroids.
+    """
+    n_graphs = ptr.shape[0] - 1
+    batch = torch.repeat_interleave(torch.arange(n_graphs, device=ptr.device), ptr[1:] - ptr[:-1])
+    has = electrons > 0
+    site_graph = torch.cat([batch, batch[has]])
+    order = torch.sort(site_graph, stable=True).indices
+    sites = torch.cat([positions, centroids[has]], dim=0)[order]
+    charges = torch.cat([ion, -electrons[has]], dim=0)[order]
+    site_counts = torch.bincount(site_graph, minlength=n_graphs)
+    site_ptr = torch.cat([site_counts.new_zeros(1), torch.cumsum(site_counts, 0)])
+    return sites, charges, site_graph[order], site_ptr
+
+
 def _element(key: Any) -> int:
     """Atomic number of an element given as symbol (``"O"``) or number (``8`` or ``"8"``)."""
     from ase.data import atomic_numbers as by_symbol
@@ -282,7 +304,7 @@ class WannierBlock(LongRangeBlock):
             )
         if n_graphs == 0:
             return positions.new_zeros(0)
-        sites, charges, site_graph, site_ptr = self.coulomb_sites(positions, centroids, ion, electrons, ptr)
+        sites, charges, site_graph, site_ptr = coulomb_sites(positions, centroids, ion, electrons, ptr)
         phi = coulomb_potential_batch(
             sites,
             charges,
@@ -295,28 +317,6 @@ class WannierBlock(LongRangeBlock):
         )
         energy = positions.new_zeros(n_graphs)
         return energy.index_add(0, site_graph, 0.5 * charges * phi)
-
-    def coulomb_sites(
-        self,
-        positions: torch.Tensor,
-        centroids: torch.Tensor,
-        ion: torch.Tensor,
-        electrons: torch.Tensor,
-        ptr: torch.Tensor,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sites [S, 3] Å, charges [S] e, graph index [S] and offsets [G + 1] of the charges:
-        graph after graph, each graph's ions followed by its centroids.
-        """
-        n_graphs = ptr.shape[0] - 1
-        batch = torch.repeat_interleave(torch.arange(n_graphs, device=ptr.device), ptr[1:] - ptr[:-1])
-        has = electrons > 0
-        site_graph = torch.cat([batch, batch[has]])
-        order = torch.sort(site_graph, stable=True).indices
-        sites = torch.cat([positions, centroids[has]], dim=0)[order]
-        charges = torch.cat([ion, -electrons[has]], dim=0)[order]
-        site_counts = torch.bincount(site_graph, minlength=n_graphs)
-        site_ptr = torch.cat([site_counts.new_zeros(1), torch.cumsum(site_counts, 0)])
-        return sites, charges, site_graph[order], site_ptr
 
     def graph_coulomb_energies(
         self,
@@ -340,7 +340,7 @@ class WannierBlock(LongRangeBlock):
             raise ValueError(
                 "wannier block: ion charges minus centroid electrons differ from the total charge"
             )
-        sites, charges, site_graph, site_ptr = self.coulomb_sites(positions, centroids, ion, electrons, ptr)
+        sites, charges, site_graph, site_ptr = coulomb_sites(positions, centroids, ion, electrons, ptr)
         no_edges = torch.zeros((2, 0), dtype=torch.int64, device=positions.device)
         phi = coulomb_potential_graph(
             sites, charges[:, None], cell, pbc, site_ptr, no_edges, sites.new_zeros((0, 3)),

@@ -5,7 +5,8 @@ Energies and potentials of point or Gaussian-smeared charges for fully periodic 
 pair sum) and slabs (2D-periodic with a vacuum correction). Units: Å, e, eV, V.
 
 :func:`coulomb_potential_graph` is the TorchScript-compilable engine deployed models run
-(open boundaries, and Ewald whose real-space part runs on the base model's graph edges).
+(open boundaries, and Ewald whose real-space part runs on the base model's graph edges);
+:func:`solve_qeq_graph` is the TorchScript-compilable dense QEq solver.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ._graph import coulomb_potential_graph
 from ._kernels import COULOMB_CONSTANT
 from ._qeq import ChargeEquilibrationError, GaussianCoulombOperator, solve_qeq
 from ._qeq_batch import solve_qeq_open_batch
+from ._qeq_graph import solve_qeq_graph
 
 __all__ = [
     "COULOMB_CONSTANT",
@@ -32,6 +34,7 @@ __all__ = [
     "coulomb_potential_graph",
     "coulomb_potential_open",
     "solve_qeq",
+    "solve_qeq_graph",
     "solve_qeq_open_batch",
 ]
 
