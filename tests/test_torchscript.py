@@ -240,17 +240,18 @@ def test_les_model_scripts_saves_and_reloads_in_process(les_graph):
                     assert err <= 1e-10, f"{key}: {name} differs by {err:.3g}"
 
 
-def test_les_model_reloads_in_a_fresh_process_without_mace_lr(les_graph, tmp_path):
-    model, scripted, refs = les_graph
-    torch.jit.save(scripted, str(tmp_path / "les.pt"))
-    cases = _cases()
-    torch.save({key: _batch(model, atoms) for key, atoms in cases.items()}, tmp_path / "inputs.pt")
+def _run_in_fresh_process(scripted, batches, tmp_path, **kwargs):
+    """Save ``scripted``, load it in a new interpreter that imports torch only, evaluate
+    ``batches`` there; returns the Python ops and mace/e3nn modules found there and the
+    energies, forces and stress per batch."""
+    torch.jit.save(scripted, str(tmp_path / "model.pt"))
+    torch.save(batches, tmp_path / "inputs.pt")
     script = textwrap.dedent(
         f"""
         import json, sys
         import torch
         torch.set_num_threads(1)
-        m = torch.jit.load({str(tmp_path / "les.pt")!r})
+        m = torch.jit.load({str(tmp_path / "model.pt")!r})
         ops = []
         for s in m.modules():
             for name in s._c._method_names():
@@ -259,26 +260,55 @@ def test_les_model_reloads_in_a_fresh_process_without_mace_lr(les_graph, tmp_pat
         ours = sorted(k for k in sys.modules if k.split(".")[0] in ("mace", "mace_lr", "e3nn"))
         result = {{"python_ops": ops, "modules": ours}}
         for key, data in torch.load({str(tmp_path / "inputs.pt")!r}).items():
-            out = m(data, compute_stress=True)
+            out = m(data, compute_stress=True, **{kwargs!r})
             result[key] = {{k: out[k].detach().tolist() for k in ("energy", "forces", "stress")}}
         print(json.dumps(result))
         """
     )
-    res = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={"OMP_NUM_THREADS": "1"},
-    )
+    env = {"OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_les_model_reloads_in_a_fresh_process_without_mace_lr(les_graph, tmp_path):
+    model, scripted, refs = les_graph
+    cases = _cases()
+    out = _run_in_fresh_process(
+        scripted, {key: _batch(model, atoms) for key, atoms in cases.items()}, tmp_path
+    )
     assert out["python_ops"] == [] and out["modules"] == []
-    for key, atoms in cases.items():
-        ref = _outputs(model, _batch(model, atoms))
+    for key in cases:
         for name in ("energy", "forces", "stress"):
             np.testing.assert_allclose(
-                out[key][name], ref[name].numpy(), rtol=0, atol=1e-10, err_msg=f"{key} {name}"
+                out[key][name], refs[key][name].numpy(), rtol=0, atol=1e-10, err_msg=key
+            )
+
+
+@pytest.mark.slow
+def test_all_charge_blocks_in_one_model_reload_in_a_fresh_process(base, tmp_path):
+    config = {
+        "les": {"method": "graph"},
+        "qeq": {"method": "graph"},
+        "wannier": {"method": "graph", "centroid_electrons": {"Cl": 8}},
+        "field": {},
+    }
+    model = perturb_blocks(augment(base, config))
+    cases = {}
+    for key, atoms in _cases().items():
+        atoms = [a.copy() for a in atoms]
+        for a in atoms:
+            a.info["charge"] = 0.0
+            a.info["external_field"] = np.array([0.01, 0.02, -0.01])
+        cases[key] = atoms
+    batches = {key: _batch(model, atoms) for key, atoms in cases.items()}
+    out = _run_in_fresh_process(torch.jit.script(model.deployable()), batches, tmp_path, compute_dipole=True)
+    assert out["python_ops"] == [] and out["modules"] == []
+    for key, atoms in cases.items():
+        ref = model(_batch(model, atoms), compute_stress=True, compute_dipole=True)
+        for name in ("energy", "forces", "stress"):
+            np.testing.assert_allclose(
+                out[key][name], ref[name].detach().numpy(), rtol=0, atol=1e-10, err_msg=key
             )
 
 

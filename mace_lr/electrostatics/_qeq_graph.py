@@ -137,7 +137,7 @@ def solve_qeq_graph(
         a = 0.5 * (a + a.transpose(0, 1))
         ones = torch.ones((n, 1), dtype=f64, device=positions.device)
         system = torch.cat(
-            [torch.cat([a, ones], 1), torch.cat([ones.transpose(0, 1), torch.zeros((1, 1), dtype=f64)], 1)], 0
+            [torch.cat([a, ones], 1), torch.cat([ones.transpose(0, 1), ones.new_zeros((1, 1))], 1)], 0
         )
         rhs = torch.cat([-chi, total_charge[g].to(f64).view(1)])
         q = torch.linalg.solve(system, rhs)[:n]
