@@ -31,7 +31,7 @@ def _time(model, batch, repeats: int):
         out = model(data, compute_force=True)
         return out["forces"].detach()
 
-    for _ in range(3):  # warm-up (TorchScript's profiling executor specialises on the first calls)
+    for _ in range(6):  # warm-up: TorchScript profiles the first calls, then optimises
         forces = step()
     start = time.perf_counter()
     for _ in range(repeats):
