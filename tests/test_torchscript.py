@@ -129,7 +129,10 @@ def base():
 def les_graph(base):
     """LES on the graph engine with trained-looking weights, its deployable copy scripted,
     and the eager outputs (energy, forces, stress) of :func:`_cases`."""
-    model = perturb_blocks(augment(base, "les", method="graph"))
+    model = perturb_blocks(augment(base, "les", method="graph", smearing=0.5))
+    cell = torch.tensor(reference_systems()["periodic"].cell[:])
+    split, rcut, _ = graph_ewald_parameters(cell, 8, 0.5, model.blocks["les"].accuracy, float(model.r_max))
+    assert 0.0 < rcut <= float(model.r_max)  # the real-space part runs on the graph's edges
     refs = {key: _outputs(model, _batch(model, atoms)) for key, atoms in _cases().items()}
     return model, torch.jit.script(model.deployable()), refs
 
