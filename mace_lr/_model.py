@@ -1,20 +1,29 @@
 """`LongRangeMACE`: a MACE model plus long-range blocks, and `augment` (private module)."""
 
-from __future__ import annotations
-
 import logging
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
+from e3nn.util.jit import compile_mode
 
 from . import _mace_adapter as adapter
 from ._block import LongRangeBlock
+from ._deploy import (
+    deployable_copy,
+    field_derivatives,
+    input_specs,
+    merge_declared,
+    merge_plan,
+    merge_planned,
+    or_zeros,
+)
 from ._geometry import cell_volume
-from ._outputs import PER_ATOM, Input, Output, declared_inputs, declared_outputs, outputs_by_name
+from ._outputs import Input, Output, declared_inputs, outputs_by_name
 
 logger = logging.getLogger(__name__)
 
 
+@compile_mode("script")
 class LongRangeMACE(torch.nn.Module):
     r"""A MACE model (called untouched) plus long-range blocks.
 
@@ -27,10 +36,29 @@ class LongRangeMACE(torch.nn.Module):
               \quad \sigma = \frac{1}{\Omega}\partial E/\partial \varepsilon,
               \quad \mu = -\partial E/\partial \mathcal{E}
 
+    The wrapper compiles with ``torch.jit.script`` (its forward takes mace's
+    ``Dict[str, Tensor]`` batch). Blocks that call the Python electrostatics engine keep
+    doing so from a scripted model (``@torch.jit.ignore``); :meth:`deployable` gives the
+    copy whose blocks run the TorchScript graph engine, which ``torch.jit.save`` can write
+    and a process without Python callbacks (or without mace-lr) can load.
+
     Args:
         base: a MACE model whose forward returns ``node_feats``.
         blocks: block name → block.
     """
+
+    #: Python-side views of the model; not compiled by ``torch.jit.script``
+    __jit_unused_properties__ = [
+        "atomic_numbers",
+        "r_max",
+        "heads",
+        "required_inputs",
+        "declared_inputs",
+        "declared_outputs",
+    ]
+    #: the blocks' declarations as plain lists, read by the scripted forward
+    _script_inputs: List[Tuple[str, bool, bool, float]]  # _deploy.InputSpec
+    _script_merge: List[Tuple[str, str, str, bool, str, str]]  # _deploy.MergeStep
 
     def __init__(self, base: torch.nn.Module, blocks: Mapping[str, LongRangeBlock]):
         super().__init__()
@@ -47,6 +75,8 @@ class LongRangeMACE(torch.nn.Module):
         #: ``mace_lr_run_train`` while a loss needs them (mace's training loop cannot pass
         #: the flags); not saved with the model.
         self.training_responses = ()  # tuple of str (no annotation: mace tries to script the model)
+        self._script_inputs = input_specs(self.declared_inputs)
+        self._script_merge = merge_plan({name: self._declaring(name, b) for name, b in self.blocks.items()})
 
     # mace's training and evaluation code reads these off the model: same types as MACE
     @property
@@ -96,6 +126,17 @@ class LongRangeMACE(torch.nn.Module):
         """``{output name: Output}`` the blocks declare (:attr:`LongRangeBlock.outputs`)."""
         return outputs_by_name(self._declaring(name, block) for name, block in self.blocks.items())
 
+    def deployable(self) -> "LongRangeMACE":
+        """A copy whose blocks use the TorchScript graph engine (``method="graph"``).
+
+        ``torch.jit.script(model.deployable())`` has no Python callbacks: it saves with
+        ``torch.jit.save`` and runs where mace-lr is not installed. Periodic sums become
+        Ewald sums whose real-space part runs on the base model's graph edges, at each
+        block's ``accuracy``; open boundaries stay exact; slabs are not supported. Eager
+        evaluation of the copy runs the same code.
+        """
+        return deployable_copy(self).train(self.training)
+
     def _declaring(self, name: str, block: torch.nn.Module):
         """What carries the declarations of block ``name``: the block, or its class when the
         block is a TorchScript compilation.
@@ -138,8 +179,12 @@ class LongRangeMACE(torch.nn.Module):
             ``wannier_centroids`` [N, 3] Å and ``wannier_centroid_mask`` [N]), response
             tensors when requested, and per-block extras named ``<block>_<key>``.
         """
-        data = dict(data)
-        extra = self.__dict__.get("training_responses", ())
+        extra: List[str] = []
+        if torch.jit.is_scripting():
+            data = data.copy()
+        else:
+            data = dict(data)
+            extra = list(self.__dict__.get("training_responses", ()))
         compute_dipole = compute_dipole or "dipole" in extra
         compute_born_charges = compute_born_charges or "born_effective_charges" in extra
         compute_polarizability = compute_polarizability or "polarizability" in extra
@@ -175,9 +220,20 @@ class LongRangeMACE(torch.nn.Module):
         base_data["positions"] = strained_positions
         base_data["shifts"] = shifts
         base_data["cell"] = cell.reshape(-1, 3)
-        base_out = adapter.call_base(self.base, base_data, training=training)
+        if torch.jit.is_scripting():  # adapter.call_base, inlined for TorchScript
+            base_out = self.base(
+                base_data,
+                training=training,
+                compute_force=False,
+                compute_virials=False,
+                compute_stress=False,
+                compute_displacement=False,
+            )
+        else:
+            base_out = adapter.call_base(self.base, base_data, training=training)
         base_energy = base_out["energy"]
-        if base_energy is None or base_out.get("node_feats") is None:
+        node_feats = base_out.get("node_feats")
+        if base_energy is None or node_feats is None:
             raise RuntimeError("the base model returned no energy or node_feats")
 
         pbc = data.get("pbc")
@@ -195,19 +251,23 @@ class LongRangeMACE(torch.nn.Module):
             "ptr": data["ptr"],
             "atomic_numbers": self._z_table[species],
             "node_attrs": data["node_attrs"],
-            "node_feats": base_out["node_feats"],
+            "node_feats": node_feats,
             "total_charge": total_charge.view(num_graphs).to(dtype),
             "external_field": field,
             "edge_index": data["edge_index"],
             "shifts": shifts,
         }
-        for item in self.declared_inputs:
-            rows = positions.shape[0] if item.per == PER_ATOM else num_graphs
-            kind = torch.int64 if item.dtype == "int64" else dtype
-            value = data.get(item.key)
+        if torch.jit.is_scripting():
+            specs = self._script_inputs
+        else:
+            specs = input_specs(self.declared_inputs)
+        for key, per_atom, is_int, default in specs:
+            rows = positions.shape[0] if per_atom else num_graphs
+            kind = torch.int64 if is_int else dtype
+            value = data.get(key)
             if value is None:
-                value = torch.full((rows,), item.default, dtype=kind, device=device)
-            ctx[item.key] = value.view(rows).to(kind)
+                value = torch.full((rows,), default, dtype=kind, device=device)
+            ctx[key] = value.view(rows).to(kind)
 
         out: Dict[str, Optional[torch.Tensor]] = {}
         lr_energy = torch.zeros(num_graphs, dtype=dtype, device=device)
@@ -216,9 +276,11 @@ class LongRangeMACE(torch.nn.Module):
             result = block(ctx)
             lr_energy = lr_energy + result["energy"]
             for key, value in result.items():
-                out[f"{name}_{key}"] = value
-            _merge_declared(out, given_by, name, self._declaring(name, block), result)
-        energy = base_energy + lr_energy
+                out[name + "_" + key] = value
+            if torch.jit.is_scripting():
+                merge_planned(out, given_by, name, result, self._script_merge)
+            else:
+                merge_declared(out, given_by, name, self._declaring(name, block), result)
         energy = base_energy + lr_energy
 
         inputs: List[torch.Tensor] = [positions]
@@ -227,93 +289,55 @@ class LongRangeMACE(torch.nn.Module):
         if want_field:
             inputs.append(field)
         need_graph = training or compute_born_charges or compute_polarizability
-        forces = virials = stress = dipole = None
+        forces: Optional[torch.Tensor] = None
+        virials: Optional[torch.Tensor] = None
+        stress: Optional[torch.Tensor] = None
+        dipole: Optional[torch.Tensor] = None
         if compute_force or want_strain or want_field:
+            grad_outputs: List[Optional[torch.Tensor]] = [torch.ones_like(energy.sum())]
             grads = torch.autograd.grad(
                 [energy.sum()],
                 inputs,
+                grad_outputs=grad_outputs,
                 retain_graph=need_graph,
                 create_graph=need_graph,
                 allow_unused=True,
             )
-            g_pos = grads[0] if grads[0] is not None else torch.zeros_like(positions)
-            forces = -g_pos
+            forces = -or_zeros(grads[0], positions)
             k = 1
             if want_strain:
-                g_disp = grads[k] if grads[k] is not None else torch.zeros_like(displacement)
+                g_disp = or_zeros(grads[k], displacement)
                 k += 1
                 virials = -g_disp
                 volume = cell_volume(cell).view(-1, 1, 1)
                 stress = torch.where(volume > 0, g_disp / volume.clamp(min=1e-12), torch.zeros_like(g_disp))
             if want_field:
-                g_field = grads[k] if grads[k] is not None else torch.zeros_like(field)
-                dipole = -g_field
+                dipole = -or_zeros(grads[k], field)
         if not want_field:
-            block_dipoles = [v for k, v in out.items() if k.endswith("_dipole") and v is not None]
-            if block_dipoles:
+            block_dipoles: List[torch.Tensor] = []
+            for key, value in out.items():
+                if key.endswith("_dipole") and value is not None:
+                    block_dipoles.append(value)
+            if len(block_dipoles) > 0:
                 dipole = torch.stack(block_dipoles).sum(0)
-        out.update(
-            {
-                "dipole": dipole,
-                "energy": energy,
-                "base_energy": base_energy,
-                "lr_energy": lr_energy,
-                "node_energy": base_out.get("node_energy"),
-                "forces": forces,
-                "virials": virials,
-                "stress": stress,
-                "node_feats": base_out["node_feats"],
-                "charges": out.get("charges"),
-            }
-        )
-        if want_field:
-            assert dipole is not None
-            if compute_born_charges or compute_polarizability:
-                bec = torch.zeros((positions.shape[0], 3, 3), dtype=dtype, device=device)
-                pol = torch.zeros((num_graphs, 3, 3), dtype=dtype, device=device)
-                for alpha in range(3):
-                    if not dipole.requires_grad:  # nothing depends on the field
-                        break
-                    g = torch.autograd.grad(
-                        [dipole[:, alpha].sum()],
-                        [positions, field],
-                        retain_graph=True,
-                        create_graph=training,
-                        allow_unused=True,
-                    )
-                    if g[0] is not None:
-                        bec[:, alpha, :] = g[0]
-                    if g[1] is not None:
-                        pol[:, alpha, :] = g[1]
-                if compute_born_charges:
-                    out["born_effective_charges"] = bec
-                if compute_polarizability:
-                    out["polarizability"] = pol
+        charges = out.get("charges")
+        out["dipole"] = dipole
+        out["energy"] = energy
+        out["base_energy"] = base_energy
+        out["lr_energy"] = lr_energy
+        out["node_energy"] = base_out.get("node_energy")
+        out["forces"] = forces
+        out["virials"] = virials
+        out["stress"] = stress
+        out["node_feats"] = node_feats
+        out["charges"] = charges
+        if want_field and dipole is not None and (compute_born_charges or compute_polarizability):
+            bec, pol = field_derivatives(dipole, positions, field, training)
+            if compute_born_charges:
+                out["born_effective_charges"] = bec
+            if compute_polarizability:
+                out["polarizability"] = pol
         return out
-
-
-def _merge_declared(
-    out: Dict[str, Optional[torch.Tensor]],
-    given_by: Dict[str, str],
-    name: str,
-    block: torch.nn.Module,
-    result: Dict[str, torch.Tensor],
-) -> None:
-    """Put the declared outputs of one block's ``result`` under their declared names."""
-    for key, output in declared_outputs(block).items():
-        if key not in result:
-            continue
-        value = result[key]
-        if output.name in given_by:
-            if not output.summed:
-                first = given_by[output.name]
-                raise RuntimeError(f"blocks {first!r} and {name!r} both predict {output.what}")
-            out[output.name] = out[output.name] + value
-        else:
-            out[output.name] = value
-            given_by[output.name] = name
-        if output.mask is not None:
-            out[output.mask_output] = result[output.mask]
 
 
 def _block_kwargs(base: torch.nn.Module) -> Dict[str, Any]:

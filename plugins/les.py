@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Sequence
 import torch
 
 from mace_lr import LongRangeBlock, Output
-from mace_lr.electrostatics import coulomb_potential_batch
+from mace_lr.electrostatics import coulomb_potential_batch, coulomb_potential_graph
 from mace_lr.nn import graph_sum, scalar_feature_indices, straight_through_coupling
 
 logger = logging.getLogger(__name__)
@@ -44,11 +44,16 @@ class LESBlock(LongRangeBlock):
         accuracy: relative accuracy of periodic sums (default 1e-3: relative error of the
             long-range forces; energies come out ~100× more accurate, and the forces are
             exact gradients of the approximate energy, so MD conserves energy).
-        method: ``"auto"``, ``"ewald"`` or ``"p3m"``.
+        method: ``"auto"``, ``"ewald"``, ``"p3m"`` or ``"graph"`` (Ewald with its real-space
+            part on the base model's graph edges, TorchScript-compilable: the deployable
+            engine, :func:`mace_lr.electrostatics.coulomb_potential_graph`; no slabs).
         coupling_init: initial value of the coupling parameter ``a`` (0: identity at init).
     """
 
     name = "les"
+    #: ``method == "graph"``: a TorchScript constant, so a scripted block compiles only the
+    #: engine it runs (the graph engine has no Python callback)
+    graph_engine: torch.jit.Final[bool]
     outputs = (Output.charges("latent charges (a scale of its Coulomb energy, not a charge partition)"),)
 
     def __init__(
@@ -80,6 +85,7 @@ class LESBlock(LongRangeBlock):
         self.smearing = float(smearing)
         self.accuracy = float(accuracy)
         self.method = str(method)
+        self.graph_engine = self.method == "graph"
         scalars: List[int] = scalar_feature_indices(feature_irreps)
         if not scalars:
             raise ValueError(f"feature irreps {feature_irreps!r} have no invariant (0e) channels")
@@ -132,9 +138,16 @@ class LESBlock(LongRangeBlock):
         positions = ctx["positions"]
         q_latent = self.latent_charges(ctx["node_feats"]).to(positions.dtype)
         num_graphs = ctx["ptr"].shape[0] - 1
-        e_coulomb = self.coulomb_energies(
-            positions, q_latent, ctx["cell"], ctx["pbc"], ctx["ptr"], ctx["batch"]
-        )
+        if self.graph_engine:
+            phi = coulomb_potential_graph(
+                positions, q_latent[:, None], ctx["cell"], ctx["pbc"], ctx["ptr"], ctx["edge_index"],
+                ctx["shifts"], self.smearing, self.accuracy, self.r_max,
+            )  # fmt: skip
+            e_coulomb = graph_sum(0.5 * q_latent * phi[:, 0], ctx["batch"], num_graphs)
+        else:
+            e_coulomb = self.coulomb_energies(
+                positions, q_latent, ctx["cell"], ctx["pbc"], ctx["ptr"], ctx["batch"]
+            )
         charges = self.physical_scale().to(positions.dtype) * q_latent
         dipole = graph_sum(charges[:, None] * positions, ctx["batch"], num_graphs)
         field_energy = -(ctx["external_field"] * dipole).sum(-1)

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from mace_lr import Input, LongRangeBlock, Output, Target
-from mace_lr.electrostatics import COULOMB_CONSTANT, solve_qeq_batch
+from mace_lr.electrostatics import COULOMB_CONSTANT, solve_qeq_batch, solve_qeq_graph
 from mace_lr.nn import scalar_feature_indices, softplus_inverse, straight_through_coupling
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,10 @@ class QEqBlock(LongRangeBlock):
         tol: CG relative residual.
         max_iter: CG iteration limit (exceeding it is an error, never silent charges).
         accuracy: relative accuracy of the electrostatics.
-        method: periodic electrostatics method (``"auto"``, ``"ewald"``, ``"p3m"``).
+        method: periodic electrostatics method (``"auto"``, ``"ewald"``, ``"p3m"``), or
+            ``"graph"``: one dense TorchScript-compilable solve per structure
+            (:func:`mace_lr.electrostatics.solve_qeq_graph`; periodic cells as a purely
+            reciprocal sum; no slabs, no electrodes; ``solver`` is then not used).
         coupling_init: initial ``a`` of γ = max(a, 0) (0: identity at initialisation).
         learn_coupling: train ``a``.
         learn_widths: train the Gaussian widths.
@@ -133,6 +136,8 @@ class QEqBlock(LongRangeBlock):
     """
 
     name = "qeq"
+    #: ``method == "graph"`` (a TorchScript constant: a scripted block compiles one solver)
+    graph_engine: torch.jit.Final[bool]
     required_inputs = ("total_charge",)
     inputs = (
         Input(
@@ -217,6 +222,7 @@ class QEqBlock(LongRangeBlock):
         self.max_iter = int(max_iter)
         self.accuracy = float(accuracy)
         self.method = str(method)
+        self.graph_engine = self.method == "graph"
         self.fourth_generation = bool(fourth_generation)
         self.warm_start = bool(warm_start)
         scalars: List[int] = scalar_feature_indices(feature_irreps)
@@ -321,7 +327,16 @@ class QEqBlock(LongRangeBlock):
         chi = chi - (field[ctx["batch"]] * positions).sum(-1)
         hardness = self.hardness().to(dtype)[species]
         widths = self.widths().to(dtype)[species]
-        e_qeq, charges, electrode_charge = self.equilibrate(positions, chi, hardness, widths, ctx)
+        if self.graph_engine:
+            if bool((ctx["electrode"] > 0).any()):
+                raise ValueError("QEq with method='graph' does not handle electrodes")
+            e_qeq, charges = solve_qeq_graph(
+                positions, chi, hardness, widths, ctx["cell"], ctx["pbc"], ctx["ptr"], ctx["total_charge"],
+                self.accuracy, self.base_smearing,
+            )  # fmt: skip
+            electrode_charge = torch.zeros_like(e_qeq)
+        else:
+            e_qeq, charges, electrode_charge = self.equilibrate(positions, chi, hardness, widths, ctx)
         gamma = self.gamma().to(dtype)
         energy = gamma * e_qeq
         if self.fourth_generation:

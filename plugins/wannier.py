@@ -37,12 +37,12 @@ relative positions only, the Born charges obey :math:`\sum_i Z^*_i = Q\,I` with
 """
 
 import logging
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from mace_lr import LongRangeBlock, Output, Target
-from mace_lr.electrostatics import coulomb_potential_batch
+from mace_lr.electrostatics import coulomb_potential_batch, coulomb_potential_graph
 from mace_lr.nn import (
     bessel_wavenumbers,
     element_values,
@@ -64,6 +64,28 @@ _VALENCE = {
 }  # fmt: skip
 
 
+def coulomb_sites(
+    positions: torch.Tensor,
+    centroids: torch.Tensor,
+    ion: torch.Tensor,
+    electrons: torch.Tensor,
+    ptr: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sites [S, 3] Å, charges [S] e, graph index [S] and offsets [G + 1] of the charges:
+    graph after graph, each graph's ions followed by its centroids.
+    """
+    n_graphs = ptr.shape[0] - 1
+    batch = torch.repeat_interleave(torch.arange(n_graphs, device=ptr.device), ptr[1:] - ptr[:-1])
+    has = electrons > 0
+    site_graph = torch.cat([batch, batch[has]])
+    order = torch.sort(site_graph, stable=True).indices
+    sites = torch.cat([positions, centroids[has]], dim=0)[order]
+    charges = torch.cat([ion, -electrons[has]], dim=0)[order]
+    site_counts = torch.bincount(site_graph, minlength=n_graphs)
+    site_ptr = torch.cat([site_counts.new_zeros(1), torch.cumsum(site_counts, 0)])
+    return sites, charges, site_graph[order], site_ptr
+
+
 class WannierBlock(LongRangeBlock):
     """Wannier-centroid block (ions plus learned electron centroids, Coulomb energy).
 
@@ -80,12 +102,17 @@ class WannierBlock(LongRangeBlock):
         num_basis: Bessel functions of the radial basis (default 6).
         hidden: width of the hidden layer mapping invariants to vector weights (default 32).
         accuracy: relative accuracy of periodic sums (default 1e-3).
-        method: ``"auto"``, ``"ewald"`` or ``"p3m"``.
+        method: ``"auto"``, ``"ewald"``, ``"p3m"`` or ``"graph"`` (TorchScript-compilable,
+            :func:`mace_lr.electrostatics.coulomb_potential_graph`: the centroids are not on
+            the base model's graph, so periodic sums are purely reciprocal, split s = σ,
+            O(N·K) with K ∝ V/σ³; no slabs).
         coupling_init: initial value of the coupling parameter ``a`` (0: identity at init,
             1: the plain Coulomb energy of ions and centroids).
     """
 
     name = "wannier"
+    #: ``method == "graph"`` (a TorchScript constant: a scripted block compiles one engine)
+    graph_engine: torch.jit.Final[bool]
     outputs = (
         Output.charges("fixed ion-minus-centroid charges"),
         Output(
@@ -161,6 +188,7 @@ class WannierBlock(LongRangeBlock):
         self.smearing = float(smearing)
         self.accuracy = float(accuracy)
         self.method = str(method)
+        self.graph_engine = self.method == "graph"
         self.num_vectors = int(num_vectors)
         dtype = torch.get_default_dtype()
         self.register_buffer("ion_charge", torch.tensor(ion_list, dtype=dtype), persistent=False)
@@ -239,14 +267,7 @@ class WannierBlock(LongRangeBlock):
             )
         if n_graphs == 0:
             return positions.new_zeros(0)
-        has = electrons > 0
-        site_graph = torch.cat([batch, batch[has]])
-        # graph after graph, ions before centroids within a graph
-        order = torch.sort(site_graph, stable=True).indices
-        sites = torch.cat([positions, centroids[has]], dim=0)[order]
-        charges = torch.cat([ion, -electrons[has]], dim=0)[order]
-        site_counts = torch.bincount(site_graph, minlength=n_graphs)
-        site_ptr = torch.cat([site_counts.new_zeros(1), torch.cumsum(site_counts, 0)])
+        sites, charges, site_graph, site_ptr = coulomb_sites(positions, centroids, ion, electrons, ptr)
         phi = coulomb_potential_batch(
             sites,
             charges,
@@ -258,7 +279,37 @@ class WannierBlock(LongRangeBlock):
             method=self.method,
         )
         energy = positions.new_zeros(n_graphs)
-        return energy.index_add(0, site_graph[order], 0.5 * charges * phi)
+        return energy.index_add(0, site_graph, 0.5 * charges * phi)
+
+    def graph_coulomb_energies(
+        self,
+        positions: torch.Tensor,
+        centroids: torch.Tensor,
+        ion: torch.Tensor,
+        electrons: torch.Tensor,
+        cell: torch.Tensor,
+        pbc: torch.Tensor,
+        ptr: torch.Tensor,
+        total_charge: torch.Tensor,
+    ) -> torch.Tensor:
+        """As :meth:`coulomb_energies`, on the TorchScript graph engine (no real-space part)."""
+        n_graphs = ptr.shape[0] - 1
+        formal = (ion - electrons).detach()
+        net = torch.zeros(n_graphs, dtype=formal.dtype, device=formal.device)
+        net = net.index_add(
+            0, torch.repeat_interleave(torch.arange(n_graphs, device=ptr.device), ptr[1:] - ptr[:-1]), formal
+        )
+        if bool(((net - total_charge.to(net.dtype)).abs() > 1e-6).any()):
+            raise ValueError(
+                "wannier block: ion charges minus centroid electrons differ from the total charge"
+            )
+        sites, charges, site_graph, site_ptr = coulomb_sites(positions, centroids, ion, electrons, ptr)
+        no_edges = torch.zeros((2, 0), dtype=torch.int64, device=positions.device)
+        phi = coulomb_potential_graph(
+            sites, charges[:, None], cell, pbc, site_ptr, no_edges, sites.new_zeros((0, 3)),
+            self.smearing, self.accuracy, 0.0,
+        )  # fmt: skip
+        return positions.new_zeros(n_graphs).index_add(0, site_graph, 0.5 * charges * phi[:, 0])
 
     def forward(self, ctx: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         positions = ctx["positions"]
@@ -270,9 +321,20 @@ class WannierBlock(LongRangeBlock):
         carrier = electrons > 0
         d = self.displacements(ctx, carrier)
         centroids = positions + d
-        e_coulomb = self.coulomb_energies(
-            positions, centroids, ion, electrons, ctx["cell"], ctx["pbc"], ctx["ptr"], ctx["total_charge"]
+        args = (
+            positions,
+            centroids,
+            ion,
+            electrons,
+            ctx["cell"],
+            ctx["pbc"],
+            ctx["ptr"],
+            ctx["total_charge"],
         )
+        if self.graph_engine:
+            e_coulomb = self.graph_coulomb_energies(*args)
+        else:
+            e_coulomb = self.coulomb_energies(*args)
         charges = ion - electrons
         atomic_dipoles = -electrons[:, None] * d
         dipole = torch.zeros((num_graphs, 3), dtype=dtype, device=positions.device)

@@ -3,6 +3,10 @@
 Energies and potentials of point or Gaussian-smeared charges for fully periodic cells
 (Ewald for small cells, P3M through torch-pme for large ones), open boundaries (exact
 pair sum) and slabs (2D-periodic with a vacuum correction). Units: Å, e, eV, V.
+
+:func:`coulomb_potential_graph` is the TorchScript-compilable engine deployed models run
+(open boundaries, and Ewald whose real-space part runs on the base model's graph edges);
+:func:`solve_qeq_graph` is the TorchScript-compilable dense QEq solver.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ import torch
 
 from ._batch import coulomb_potential_batched, coulomb_potential_open
 from ._engine import cache_info, coulomb_potential_single
+from ._graph import coulomb_potential_graph
 from ._kernels import COULOMB_CONSTANT
 from ._qeq import ChargeEquilibrationError, GaussianCoulombOperator, solve_qeq
 from ._qeq_batch import solve_qeq_open_batch
 from ._qeq_dispatch import solve_qeq_batch
+from ._qeq_graph import solve_qeq_graph
 
 __all__ = [
     "COULOMB_CONSTANT",
@@ -26,9 +32,11 @@ __all__ = [
     "coulomb_energy",
     "coulomb_potential",
     "coulomb_potential_batch",
+    "coulomb_potential_graph",
     "coulomb_potential_open",
     "solve_qeq",
     "solve_qeq_batch",
+    "solve_qeq_graph",
     "solve_qeq_open_batch",
 ]
 
