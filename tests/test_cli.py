@@ -13,6 +13,7 @@ from ase.build import bulk
 
 import mace_lr
 from mace_lr import testing as T
+from mace_lr._data import atoms_to_batch
 from mace_lr.cli import run_train as cli
 
 
@@ -213,7 +214,15 @@ def test_finetune_restart_and_reload(workdir):
     a = T.evaluate(model, frames)
     b = T.evaluate(ref.eval(), frames)
     assert torch.equal(a["energy"], b["energy"]) and torch.equal(a["forces"], b["forces"])
-    assert not (workdir / "straight_compiled.model").exists()
+    # the compiled file is the deployable model's TorchScript: it reproduces it
+    scripted = torch.jit.load(str(workdir / "straight_compiled.model"))
+    deployed = model.deployable()
+    batch = atoms_to_batch(frames, model.atomic_numbers, float(model.r_max))
+    with torch.jit.optimized_execution(False):
+        got = scripted(dict(batch))
+    want = deployed(dict(batch))
+    for key in ("energy", "forces"):
+        assert float((got[key] - want[key]).detach().abs().max()) <= 1e-10, key
 
     # a mace-lr model as the foundation: its block weights are carried over
     argv = _args(workdir, "second", 1)

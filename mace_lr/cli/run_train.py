@@ -126,11 +126,34 @@ def _convert_outputs(args: argparse.Namespace) -> List[str]:
             written.append(path)
             compiled = os.path.join(args.model_dir, f"{args.name}{suffix}_compiled.model")
             if os.path.exists(compiled):
-                # the electrostatics engine runs in Python (neighbour lists, torch-pme), so
-                # a TorchScript export of the whole model cannot be evaluated outside Python
-                os.remove(compiled)
-                logger.info("removed %s: TorchScript export of long-range models is not supported", compiled)
+                _export_compiled(obj, compiled)
     return written
+
+
+def _export_compiled(model, path: str) -> None:
+    """Replace mace's ``*_compiled.model`` by the TorchScript form of ``model.deployable()``.
+
+    mace scripts the trained model as it is; its blocks' default engines call Python
+    (neighbour lists, torch-pme), so that file could not run outside Python. The
+    deployable copy runs every block on the graph engine (same weights; periodic sums at
+    each block's accuracy) and saves without callbacks. Blocks that cannot script yet
+    leave no compiled file, with a warning that says why.
+    """
+    try:
+        scripted = torch.jit.script(model.deployable().eval())
+        torch.jit.save(scripted, path)
+    except Exception as exc:  # TorchScript raises many error types; none may end the run
+        if os.path.exists(path):
+            os.remove(path)
+        logger.warning(
+            "no TorchScript export %s: %s: %s (the .model file is complete; see the README, "
+            "'Deploy with TorchScript')",
+            path,
+            type(exc).__name__,
+            str(exc).splitlines()[0] if str(exc) else "",
+        )
+        return
+    logger.info("wrote %s: TorchScript of model.deployable() (graph electrostatics engine)", path)
 
 
 if __name__ == "__main__":
