@@ -39,7 +39,7 @@ warnings.filterwarnings("ignore", message="To copy construct from a tensor")
 
 import numpy as np  # noqa: E402
 from ase import units  # noqa: E402
-from ase.io import read  # noqa: E402
+from ase.io import read, write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
@@ -138,8 +138,8 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="reuse the models already in --out")
     parser.add_argument("--repeat", type=int, default=None, help="MD box: the test frame repeated n×n×n")
     args = parser.parse_args()
-    args.epochs = args.epochs or (1 if args.fast else 60)
-    args.nvt = args.nvt if args.nvt is not None else (10 if args.fast else 500)
+    args.epochs = args.epochs or (1 if args.fast else 40)
+    args.nvt = args.nvt if args.nvt is not None else (10 if args.fast else 1000)
     args.nve = args.nve if args.nve is not None else (60 if args.fast else 4000)
     args.blocks = 3 if args.fast else 5
     args.repeat = args.repeat or 1
@@ -170,7 +170,7 @@ def main() -> None:
     start = test[0].repeat(args.repeat)
     lines.append(f"[2] held-out errors on {len(test)} test frames (GFN1-xTB, 1500 K):")
     lines.append(f"    {'model':<14} {'E RMSE (meV/atom)':>18} {'F RMSE (meV/Å)':>15}")
-    sqq, sqq_latent, sigma, md_info = {}, None, {}, {}
+    sqq, sqq_latent, sigma, md_info, halves = {}, None, {}, {}, {}
     for seed, (label, path) in enumerate(models.items()):
         if label == "LES":
             calc = MACELRCalculator(str(path))
@@ -181,9 +181,14 @@ def main() -> None:
         lines.append(f"    {label:<14} {e_rmse:18.2f} {f_rmse:15.1f}")
         t1 = time.perf_counter()
         frames = run_md(calc, start, args, seed=10 + seed)
+        write(out / f"md_{'les' if label == 'LES' else 'sr'}.xyz", frames)  # for your own analysis
         etot = np.array([f.info["total_energy"] for f in frames])
         md_info[label] = (time.perf_counter() - t1, etot.max() - etot.min(), analysis_temperature(frames))
         sqq[label] = analysis.charge_structure_factor(frames, charges={"Na": 1, "Cl": -1}, kmax=2.0)
+        halves[label] = [
+            analysis.charge_structure_factor(part, charges={"Na": 1, "Cl": -1}, kmax=0.6)["S"][0]
+            for part in (frames[: len(frames) // 2], frames[len(frames) // 2 :])
+        ]
         if label == "LES":
             sqq_latent = analysis.charge_structure_factor(frames, kmax=2.0)  # the model's own charges
         n = len(frames)
@@ -220,6 +225,11 @@ def main() -> None:
         lines.append(
             f"    {label:<14} small-k fit S = A k²: A = {r['fit_slope']:.4f} e²Å²; "
             f"S(k_min)/SL = {r['S'][0] / (r['sl_slope'] * r['k'][0] ** 2):.2f}"
+        )
+        s0, a = np.polyfit(r["k"][:3] ** 2, r["S"][:3], 1)[::-1]
+        lines.append(
+            f"    {'':<14} S = S0 + A k² on the same bins: S0 = {s0:.4f} e², A = {a:.4f} e²Å²; "
+            f"S(k_min) in the first / second half of NVE: {halves[label][0]:.4f} / {halves[label][1]:.4f}"
         )
     lines.append(f"[5] ionic conductivity (S/m), formal charges ±1, block errors ({args.blocks} blocks)")
     lines.append(f"    {'model':<14} {'Green–Kubo':>16} {'Einstein–Helfand':>18} {'Nernst–Einstein':>16}")
