@@ -138,8 +138,8 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="reuse the models already in --out")
     parser.add_argument("--repeat", type=int, default=None, help="MD box: the test frame repeated n×n×n")
     args = parser.parse_args()
-    args.epochs = args.epochs or (1 if args.fast else 40)
-    args.nvt = args.nvt if args.nvt is not None else (10 if args.fast else 1000)
+    args.epochs = args.epochs or (1 if args.fast else 20)
+    args.nvt = args.nvt if args.nvt is not None else (10 if args.fast else 500)
     args.nve = args.nve if args.nve is not None else (60 if args.fast else 4000)
     args.blocks = 3 if args.fast else 5
     args.repeat = args.repeat or 1
