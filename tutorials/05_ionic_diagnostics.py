@@ -110,6 +110,9 @@ def run_md(calc, start, args, seed: int):
     def record():
         frame = atoms.copy()
         frame.calc = None
+        frame.info = {}  # not the start frame's reference labels
+        for key in [k for k in frame.arrays if k.startswith("REF_")]:
+            del frame.arrays[key]
         frame.set_velocities(atoms.get_velocities())
         frame.arrays["charges"] = np.asarray(atoms.calc.results.get("charges", np.zeros(len(atoms))))
         frame.info["total_energy"] = atoms.get_potential_energy() + atoms.get_kinetic_energy()
@@ -119,6 +122,50 @@ def run_md(calc, start, args, seed: int):
     nve.attach(record, interval=args.stride)
     nve.run(args.nve)
     return frames
+
+
+def load_calculator(label: str, path: Path):
+    import torch
+
+    import mace_lr
+    from mace_lr.calculator import MACELRCalculator
+
+    if label == "LES":
+        return MACELRCalculator(str(path))
+    # no block to rewrite: mace's own pickled .model (trained just now), wrapped without blocks
+    return MACELRCalculator(mace_lr.augment(torch.load(path, map_location="cpu", weights_only=False), []))
+
+
+def md_file(out: Path, label: str) -> Path:
+    return out / f"md_{'les' if label == 'LES' else 'sr'}.xyz"  # the NVE frames, for your own analysis
+
+
+def md_one(label: str, path: Path, out: Path, args) -> None:
+    """One model's MD (run in its own process by :func:`md_both`), written to :func:`md_file`."""
+    start = read(args.test, "0").repeat(args.repeat)
+    t1 = time.perf_counter()
+    seed = 10 if label == "LES" else 11
+    frames = run_md(load_calculator(label, path), start, args, seed=seed)
+    frames[0].info["md_wall_s"] = time.perf_counter() - t1
+    write(md_file(out, label), frames)
+
+
+def md_both(models: dict, out: Path) -> None:
+    """Both MD runs side by side, one process each (as the training)."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = {}
+    for label in models:
+        log = open(out / f"md_{'les' if label == 'LES' else 'sr'}.stdout", "w")
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--md_only", label]
+        procs[label] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+    for label, (proc, log) in procs.items():
+        proc.wait()
+        log.close()
+        if proc.returncode != 0:
+            raise SystemExit(f"MD of the {label} model failed (exit {proc.returncode}); see {log.name}")
 
 
 def main() -> None:
@@ -136,14 +183,20 @@ def main() -> None:
     parser.add_argument("--nve", type=int, default=None, help="NVE steps (analysed)")
     parser.add_argument("--stride", type=int, default=2, help="NVE steps between analysed frames")
     parser.add_argument("--reuse", action="store_true", help="reuse the models already in --out")
+    parser.add_argument(
+        "--reanalyse",
+        action="store_true",
+        help="reuse the models and the MD (md_les.xyz, md_sr.xyz) in --out",
+    )
     parser.add_argument("--repeat", type=int, default=None, help="MD box: the test frame repeated n×n×n")
+    parser.add_argument("--md_only", choices=("LES", "short-range"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.epochs = args.epochs or (1 if args.fast else 20)
+    args.epochs = args.epochs or (1 if args.fast else 12)
     args.nvt = args.nvt if args.nvt is not None else (10 if args.fast else 500)
-    args.nve = args.nve if args.nve is not None else (60 if args.fast else 4000)
+    args.nve = args.nve if args.nve is not None else (60 if args.fast else 2500)
     args.blocks = 3 if args.fast else 5
     args.repeat = args.repeat or 1
-    args.hidden_irreps = "8x0e+8x1o" if args.fast else "32x0e+32x1o"
+    args.hidden_irreps = "8x0e+8x1o" if args.fast else "16x0e+16x1o"
     args.train, args.valid, args.test = (p.resolve() for p in (args.train, args.valid, args.test))
     if args.fast:
         args.train = _subset(args.train, args.out, 8)
@@ -153,45 +206,49 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    import mace_lr
     from mace_lr import analysis
-    from mace_lr.calculator import MACELRCalculator
 
     t0 = time.perf_counter()
     models = {"LES": out / "nacl_les.model", "short-range": out / "nacl_sr.model"}
-    if not (args.reuse and all(p.is_file() for p in models.values())):
+    if args.md_only:  # a child process of md_both
+        md_one(args.md_only, models[args.md_only], out, args)
+        return
+    args.reuse = args.reuse or args.reanalyse
+    if args.reuse and all(p.is_file() for p in models.values()):
+        lines = [f"[1] reused the models in {out}"]
+    else:
         models = train_both(out, args)
-    lines = [f"[1] trained both models ({args.epochs} epochs) in {time.perf_counter() - t0:.0f} s"]
+        lines = [f"[1] trained both models ({args.epochs} epochs) in {time.perf_counter() - t0:.0f} s"]
     print(lines[-1])
+    if not args.reanalyse:
+        t1 = time.perf_counter()
+        md_both(models, out)
+        print(f"    MD of both models (side by side) in {time.perf_counter() - t1:.0f} s")
 
     test = read(args.test, ":")
     if args.fast:
         test = test[:3]
-    start = test[0].repeat(args.repeat)
     lines.append(f"[2] held-out errors on {len(test)} test frames (GFN1-xTB, 1500 K):")
     lines.append(f"    {'model':<14} {'E RMSE (meV/atom)':>18} {'F RMSE (meV/Å)':>15}")
     sqq, sqq_latent, sigma, md_info, halves = {}, None, {}, {}, {}
-    for seed, (label, path) in enumerate(models.items()):
-        if label == "LES":
-            calc = MACELRCalculator(str(path))
-        else:  # no block to rewrite: mace's own pickled .model (trained just now), wrapped without blocks
-            base = torch.load(path, map_location="cpu", weights_only=False)
-            calc = MACELRCalculator(mace_lr.augment(base, []))
-        e_rmse, f_rmse = test_errors(calc, test)
+    for label, path in models.items():
+        e_rmse, f_rmse = test_errors(load_calculator(label, path), test)
         lines.append(f"    {label:<14} {e_rmse:18.2f} {f_rmse:15.1f}")
-        t1 = time.perf_counter()
-        frames = run_md(calc, start, args, seed=10 + seed)
-        write(out / f"md_{'les' if label == 'LES' else 'sr'}.xyz", frames)  # for your own analysis
+        frames = read(md_file(out, label), ":")
         etot = np.array([f.info["total_energy"] for f in frames])
-        md_info[label] = (time.perf_counter() - t1, etot.max() - etot.min(), analysis_temperature(frames))
-        sqq[label] = analysis.charge_structure_factor(frames, charges={"Na": 1, "Cl": -1}, kmax=2.0)
+        wall = frames[0].info.get("md_wall_s", float("nan"))
+        md_info[label] = (wall, etot.max() - etot.min(), analysis_temperature(frames))
+        sqq[label] = analysis.charge_structure_factor(
+            frames, charges={"Na": 1, "Cl": -1}, kmax=2.0, n_blocks=args.blocks
+        )
         halves[label] = [
             analysis.charge_structure_factor(part, charges={"Na": 1, "Cl": -1}, kmax=0.6)["S"][0]
             for part in (frames[: len(frames) // 2], frames[len(frames) // 2 :])
         ]
         if label == "LES":
-            sqq_latent = analysis.charge_structure_factor(frames, kmax=2.0)  # the model's own charges
-        n = len(frames)
+            # the model's own charges
+            sqq_latent = analysis.charge_structure_factor(frames, kmax=2.0, n_blocks=args.blocks)
+        n, n_md = len(frames), len(frames[0])
         sigma[label] = analysis.ionic_conductivity(
             frames,
             dt=args.dt * args.stride,
@@ -201,11 +258,11 @@ def main() -> None:
     print("\n".join(lines[1:]))
     mark = len(lines)
     lines.append(
-        f"[3] MD: {len(start)} atoms, {args.nvt} Langevin + {args.nve} NVE steps of {args.dt} fs at {args.temperature:g} K"
+        f"[3] MD: {n_md} atoms, {args.nvt} Langevin + {args.nve} NVE steps of {args.dt} fs at {args.temperature:g} K"
     )
     for label, (wall, drift, temp) in md_info.items():
         lines.append(
-            f"    {label:<14} {wall:6.0f} s, NVE total-energy spread {1000 * drift / len(start):.2f} meV/atom, ⟨T⟩ {temp:.0f} K"
+            f"    {label:<14} {wall:6.0f} s, NVE total-energy spread {1000 * drift / n_md:.2f} meV/atom, ⟨T⟩ {temp:.0f} K"
         )
     lines.append("[4] S_QQ(k) with formal charges ±1 (e²); Stillinger–Lovett k²/(4πβk_e n) for comparison")
     first = next(iter(sqq.values()))
