@@ -248,6 +248,9 @@ def main() -> None:
         if label == "LES":
             # the model's own charges
             sqq_latent = analysis.charge_structure_factor(frames, kmax=2.0, n_blocks=args.blocks)
+            q = np.array([_charges(f) for f in frames])
+            na = frames[0].numbers == 11
+            latent_q = (float(q[:, na].mean()), float(q[:, ~na].mean()))
         n, n_md = len(frames), len(frames[0])
         sigma[label] = analysis.ionic_conductivity(
             frames,
@@ -280,7 +283,8 @@ def main() -> None:
         lines.append(row)
     for label, r in sqq.items():
         lines.append(
-            f"    {label:<14} small-k fit S = A k²: A = {r['fit_slope']:.4f} e²Å²; "
+            f"    {label:<14} small-k fit S = A k²: A = {r['fit_slope']:.4f} e²Å² = "
+            f"{r['fit_slope'] / r['sl_slope']:.2f} × SL; "
             f"S(k_min)/SL = {r['S'][0] / (r['sl_slope'] * r['k'][0] ** 2):.2f}"
         )
         s0, a = np.polyfit(r["k"][:3] ** 2, r["S"][:3], 1)[::-1]
@@ -288,6 +292,11 @@ def main() -> None:
             f"    {'':<14} S = S0 + A k² on the same bins: S0 = {s0:.4f} e², A = {a:.4f} e²Å²; "
             f"S(k_min) in the first / second half of NVE: {halves[label][0]:.4f} / {halves[label][1]:.4f}"
         )
+    r = sqq_latent  # perfect screening of the model's own charges would give A = SL
+    lines.append(
+        f"    {'LES latent':<14} small-k fit S = A k²: A = {r['fit_slope']:.5f} e²Å² = "
+        f"{r['fit_slope'] / r['sl_slope']:.3f} × SL; latent q(Na), q(Cl) = {latent_q[0]:+.3f}, {latent_q[1]:+.3f} e"
+    )
     lines.append(f"[5] ionic conductivity (S/m), formal charges ±1, block errors ({args.blocks} blocks)")
     lines.append(f"    {'model':<14} {'Green–Kubo':>16} {'Einstein–Helfand':>18} {'Nernst–Einstein':>16}")
     for label, r in sigma.items():
@@ -302,6 +311,13 @@ def main() -> None:
     analysis.plot_conductivity(sigma, out / "conductivity.png")
     (out / "summary.txt").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / 'sqq.png'}, {out / 'conductivity.png'}, {out / 'summary.txt'}")
+
+
+def _charges(atoms) -> np.ndarray:
+    """Per-atom charges of a frame read back from extxyz (an array or the calculator's results)."""
+    if "charges" in atoms.arrays:
+        return atoms.arrays["charges"]
+    return atoms.calc.results["charges"]
 
 
 def analysis_temperature(frames) -> float:
