@@ -87,6 +87,36 @@ def test_sqq_charges_from_frames_and_stillinger_lovett_slope(tmp_path):
     assert (tmp_path / "sqq.png").stat().st_size > 5000
 
 
+def test_sqq_block_errors_see_correlated_frames():
+    """Each frame repeated m times (perfectly correlated runs): blocks of m recover the true error."""
+    rng = np.random.default_rng(3)
+    n, box, n_independent, m = 24, 9.0, 20, 6
+    frames = [
+        Atoms("NaCl" * (n // 2), positions=rng.uniform(0, box, (n, 3)), cell=[box] * 3, pbc=True)
+        for _ in range(n_independent)
+    ]
+    z = {"Na": 1, "Cl": -1}
+    kw = dict(charges=z, kmax=2.0, temperature=1000.0)
+    independent = charge_structure_factor(frames, **kw)
+    repeated = [a for a in frames for _ in range(m)]
+    naive = charge_structure_factor(repeated, **kw)
+    blocked = charge_structure_factor(repeated, n_blocks=n_independent, **kw)
+    np.testing.assert_allclose(naive["S"], independent["S"], rtol=1e-12)
+    # the per-frame error shrinks as if there were m times more data; the block error does not
+    np.testing.assert_allclose(
+        naive["S_err"],
+        independent["S_err"] * np.sqrt((n_independent - 1) / (n_independent * m - 1)),
+        rtol=1e-10,
+    )
+    np.testing.assert_allclose(blocked["S_err"], independent["S_err"], rtol=1e-10)
+    one_per_block = charge_structure_factor(frames, n_blocks=n_independent, **kw)
+    np.testing.assert_allclose(one_per_block["S_err"], independent["S_err"], rtol=1e-12)
+    with pytest.raises(ValueError, match="n_blocks must lie in"):
+        charge_structure_factor(frames, n_blocks=1, **kw)
+    with pytest.raises(ValueError, match="n_blocks must lie in"):
+        charge_structure_factor(frames, n_blocks=n_independent + 1, **kw)
+
+
 def test_sqq_bad_input():
     crystal = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
     molecule_ = molecule("H2O")

@@ -40,6 +40,7 @@ def charge_structure_factor(
     bin_width: Optional[float] = None,
     n_fit: int = 3,
     temperature: Optional[float] = None,
+    n_blocks: Optional[int] = None,
 ) -> Dict[str, np.ndarray]:
     """Spherically averaged charge structure factor S_QQ(k) = ⟨|ρ_Q(k)|²⟩ / N (e²).
 
@@ -62,14 +63,17 @@ def charge_structure_factor(
         n_fit: number of smallest-|k| bins in the least-squares fit S ≈ A k² (through 0).
         temperature: K, for the Stillinger–Lovett slope; ``None``: the kinetic temperature
             of the frames, or no prediction when they carry no velocities.
+        n_blocks: ``None``: ``S_err`` is the standard error over frames, right for
+            independent frames only; an integer: the standard error of the means of that many
+            consecutive blocks of frames (use it for MD, whose frames are correlated).
 
     Returns:
         ``k`` [n_bins] Å⁻¹ (mean |k| of each bin), ``S`` [n_bins] e², ``S_err`` [n_bins]
-        (standard error over frames), ``count`` [n_bins] (vectors per bin), ``fit_slope``
-        A (e²·Å²) of S ≈ A k² on the first ``n_fit`` bins, ``sl_slope`` 1/(4π β k_e n)
-        (e²·Å², NaN without a temperature), ``q2_mean`` ⟨q²⟩ e² (the uncorrelated value),
-        ``temperature`` K, ``n_frames``, and unbinned ``k_vectors`` [n_k, 3] Å⁻¹ (one of each
-        ±k pair) with ``S_k`` [n_k] e².
+        (standard error over frames, or over blocks with ``n_blocks``), ``count`` [n_bins]
+        (vectors per bin), ``fit_slope`` A (e²·Å²) of S ≈ A k² on the first ``n_fit`` bins,
+        ``sl_slope`` 1/(4π β k_e n) (e²·Å², NaN without a temperature), ``q2_mean`` ⟨q²⟩ e²
+        (the uncorrelated value), ``temperature`` K, ``n_frames``, and unbinned
+        ``k_vectors`` [n_k, 3] Å⁻¹ (one of each ±k pair) with ``S_k`` [n_k] e².
     """
     frames = read_trajectory(traj)
     q = resolve_charges(frames, charges)
@@ -83,6 +87,8 @@ def charge_structure_factor(
             )
     if kmax <= 0:
         raise ValueError(f"kmax must be positive, got {kmax}")
+    if n_blocks is not None and not 2 <= n_blocks <= len(frames):
+        raise ValueError(f"n_blocks must lie in [2, n_frames = {len(frames)}], got {n_blocks}")
     kvec = reciprocal_vectors(cell, kmax)
     if len(kvec) == 0:
         raise ValueError(f"no reciprocal-lattice vector with |k| ≤ kmax = {kmax} Å⁻¹; the cell is too small")
@@ -103,9 +109,14 @@ def charge_structure_factor(
     s_frame_bin = np.stack([np.bincount(inverse, weights=row) / count for row in s_fk])  # [F, B]
     s_bin = s_frame_bin.mean(axis=0)
     n_frames = len(frames)
-    s_err = (
-        s_frame_bin.std(axis=0, ddof=1) / np.sqrt(n_frames) if n_frames > 1 else np.full_like(s_bin, np.nan)
-    )
+    if n_blocks is not None:
+        per_block = n_frames // n_blocks  # consecutive blocks; the last n_frames % n_blocks frames left out
+        means = s_frame_bin[: per_block * n_blocks].reshape(n_blocks, per_block, -1).mean(axis=1)
+        s_err = means.std(axis=0, ddof=1) / np.sqrt(n_blocks)
+    elif n_frames > 1:
+        s_err = s_frame_bin.std(axis=0, ddof=1) / np.sqrt(n_frames)
+    else:
+        s_err = np.full_like(s_bin, np.nan)
     m = min(n_fit, len(k_bin))
     x = k_bin[:m] ** 2
     fit_slope = float(np.dot(x, s_bin[:m]) / np.dot(x, x))

@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kmax", type=float, default=2.0, help="largest |k|, 1/Å (default 2)")
     p.add_argument("--bin_width", type=float, default=None, help="|k| bin width, 1/Å (default: shells)")
     p.add_argument("--n_fit", type=int, default=3, help="smallest-k bins in the k² fit (default 3)")
+    p.add_argument(
+        "--n_blocks",
+        type=int,
+        default=None,
+        help="consecutive blocks for the error bars (MD frames are correlated; default: per frame)",
+    )
 
     p = sub.add_parser("dielectric", help="dielectric constant from dipole fluctuations")
     common(p)
@@ -96,7 +102,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "sqq":
             res = analysis.charge_structure_factor(
-                frames, _frame_charges(frames, args), args.kmax, args.bin_width, args.n_fit, args.temperature
+                frames,
+                _frame_charges(frames, args),
+                args.kmax,
+                args.bin_width,
+                args.n_fit,
+                args.temperature,
+                n_blocks=args.n_blocks,
             )
             print(
                 f"S_QQ(k) from {res['n_frames']} frames; T = {res['temperature']:.1f} K; "
