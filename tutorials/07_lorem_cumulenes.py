@@ -43,7 +43,7 @@ def _command(name: str, block, out: Path, epochs: int, args) -> list:
         "--train_file", str(args.train), "--valid_file", str(args.valid),
         "--energy_key", "REF_energy", "--forces_key", "REF_forces",
         "--total_charge_key", "charge",
-        "--E0s", "foundation",
+        "--E0s", args.e0s,
         "--energy_weight", str(args.energy_weight), "--forces_weight", str(args.forces_weight),
         "--max_num_epochs", str(epochs), "--batch_size", "8", "--valid_batch_size", "16",
         "--lr", str(args.lr), "--scheduler_patience", "5", "--ema", "--ema_decay", "0.99",
@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--valid", type=Path, default=DATA / "cumulene_valid.xyz")
     parser.add_argument("--test", type=Path, default=DATA / "cumulene_test.xyz")
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--e0s", default="estimated", help="mace --E0s (default: estimated from the base)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--energy_weight", type=float, default=100.0)
     parser.add_argument("--forces_weight", type=float, default=10.0)
