@@ -1,8 +1,21 @@
 r"""LOREM-style long-range equivariant messages.
 
 Each atom carries C "spherical charges" for every degree l ≤ ``l_max`` and order m
-(irreps ``C×0e + C×1o [+ C×2e]``), made from the base model's features by an e3nn linear
-map. Every component q^{lm}_{ic} is treated as a scalar charge distribution of Gaussians of
+(irreps ``C×0e + C×1o [+ C×2e]``), made by an e3nn linear map from a state that starts as
+the base model's features plus the block's own local harmonics of the base graph's bonds,
+
+.. math:: h^{0,l}_{ic} = \big(W\,\mathrm{feats}_i\big)^{l}_c
+          + \sum_{j \in \mathcal N(i)} R_{cl}(r_{ij}, Z_j)\, Y^{l}(\hat{\mathbf r}_{ij})
+
+(:class:`mace_lr.nn.NeighbourHarmonics`, Bessel radial weights with the base's smooth
+cutoff). The harmonics matter where the base has no l = 2 features (max_L 1): a site with a
+mirror plane and a two-fold axis, like the carbon of a terminal CH₂, has all its vectors on
+the axis, so without them nothing of that carbon (nor 1o ⊗ 1o of its vectors) carries the
+orientation of its H–C–H plane, which then reaches the block only weakly through the
+hydrogens' in-plane vectors; with them the carbon's l = 2 charges carry it, and V² at a far
+CH₂ couples to them (a cumulene's torsion beyond the receptive field).
+
+Every component q^{lm}_{ic} is treated as a scalar charge distribution of Gaussians of
 width σ, and its potential
 
 .. math:: V^{lm}_{ic} = \frac{1}{k_e}\,\phi\big[q^{lm}_{\cdot c}\big]_i
