@@ -12,6 +12,7 @@ of the base is not what is tested); then the RMSE of the held-out profile E(θ) 
 * ``lorem``: lorem with its local harmonics (l_max 2, 8 channels, σ 1 Å), base frozen.
 
     python benchmarks/lorem_one_length_fit.py --length 10 --steps 300
+    python benchmarks/lorem_one_length_fit.py --length 10 11 --variants lorem  # both parities
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--length", type=int, default=10)
+    parser.add_argument("--length", type=int, nargs="+", default=[10], help="chain length(s) fitted together")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--variants", nargs="+", default=["short-range", "LES", "lorem-old", "lorem"])
@@ -43,19 +44,19 @@ def main() -> None:
     base = torch.load(os.path.join(root, "base_mace.model"), weights_only=False).double()
 
     def frames(name):
-        out = [a for a in ase.io.read(os.path.join(root, name), ":") if a.info["n_carbon"] == args.length]
+        out = [a for a in ase.io.read(os.path.join(root, name), ":") if a.info["n_carbon"] in args.length]
         for a in out:
             a.info["charge"] = 0
         return out
 
     train = frames("cumulene_train.xyz") + frames("cumulene_valid.xyz")
-    test = sorted(frames("cumulene_test.xyz"), key=lambda a: a.info["torsion"])
+    test = sorted(frames("cumulene_test.xyz"), key=lambda a: (a.info["n_carbon"], a.info["torsion"]))
+    n_test = np.array([a.info["n_carbon"] for a in test])
     z = [int(v) for v in base.atomic_numbers]
     r_max = float(base.r_max)
     e_train = torch.tensor([a.info["REF_energy"] for a in train])
     e_test = np.array([a.info["REF_energy"] for a in test])
-    print(f"n = {args.length}: {len(train)} training structures, {len(test)} profile points; "
-          f"reference barrier {e_test[-1] - e_test[0]:+.3f} eV")  # fmt: skip
+    print(f"n = {args.length}: {len(train)} training structures, {len(test)} profile points")
     configs = {
         "LES": ("les", {"smearing": 1.0}),
         "lorem-old": ("lorem", {"l_max": 2, "channels": 8, "smearing": 1.0, "local_harmonics": False}),
@@ -91,11 +92,16 @@ def main() -> None:
         with torch.no_grad():
             e_fit = model(dict(b_train), compute_force=False)["energy"]
         e = model(dict(b_test), compute_force=False)["energy"].detach().numpy()
-        d_pred, d_ref = e - e[0], e_test - e_test[0]
-        rmse = 1000 * np.sqrt(np.mean((d_pred - d_ref) ** 2))
         train_rmse = 1000 * float((e_fit - e_train).std(unbiased=False))
-        print(f"{label:12s} train E RMSE (offset removed) {train_rmse:7.1f} meV | held-out profile RMSE {rmse:7.1f} meV | "
-              f"predicted barrier {d_pred[-1]:+.3f} eV | {time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+        print(
+            f"{label:12s} train E RMSE (offset removed) {train_rmse:7.1f} meV, {time.perf_counter() - t0:.0f} s"
+        )
+        for n in args.length:
+            idx = np.flatnonzero(n_test == n)  # torsions 0 ... 90 degrees in order
+            d_pred, d_ref = e[idx] - e[idx[0]], e_test[idx] - e_test[idx[0]]
+            rmse = 1000 * np.sqrt(np.mean((d_pred - d_ref) ** 2))
+            print(f"    n = {n:2d}: held-out profile RMSE {rmse:7.1f} meV | barrier {d_pred[-1]:+.3f} eV "
+                  f"(reference {d_ref[-1]:+.3f})", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

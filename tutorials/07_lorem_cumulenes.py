@@ -90,6 +90,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--energy_weight", type=float, default=100.0)
     parser.add_argument("--forces_weight", type=float, default=10.0)
+    parser.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        default=None,
+        help="chain lengths to train and test on (default all)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="threads for the evaluation")
     args = parser.parse_args()
     epochs = args.epochs or (1 if args.fast else 25)
@@ -102,6 +109,15 @@ def main() -> None:
         for key in ("train", "valid"):
             frames = ase.io.read(getattr(args, key), index="::8")
             path = args.out / f"{key}_fast.xyz"
+            ase.io.write(path, frames, format="extxyz")
+            setattr(args, key, path)
+
+    if args.lengths:  # e.g. one parity: the sign of the barrier alternates with n
+        for key in ("train", "valid", "test"):
+            frames = [
+                a for a in ase.io.read(getattr(args, key), index=":") if a.info["n_carbon"] in args.lengths
+            ]
+            path = args.out / f"{key}_lengths.xyz"
             ase.io.write(path, frames, format="extxyz")
             setattr(args, key, path)
 
