@@ -14,6 +14,13 @@ the engine as one multi-channel call per update.
 forward + backward on its own: the engine with 1 channel (what LES sends) and with the
 C·(l_max+1)² channels lorem sends, the message tensor product, the charge map, the local
 harmonics and the embedding.
+
+Measured 2 Dec 2026 (N = 4096, float64, accuracy 1e-4, 1 thread, shared 2-core machine at
+load average ~13; totals energy + forces, median of 3): base 1.8–2.2 s, LES 1.8–2.4 s,
+lorem l_max 1 with C = 8 / 4 / 2: 14.3 / 7.5 / 4.1 s, i.e. 7.9× / 3.15× / 1.70× LES. Pieces
+at C = 8: engine 11.6 s for 32 channels against 0.34 s for one (linear in channels: the
+mesh assignment and FFTs are done per channel), local harmonics 0.46 s, tensor product
+0.04 s, linear maps 0.01 s each.
 """
 
 from __future__ import annotations
