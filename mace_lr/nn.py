@@ -13,7 +13,10 @@ Feature selection (the base model's ``node_feats`` are e3nn-ordered irreps):
 Equivariant geometry from the base model's graph:
 
 * :func:`bessel_wavenumbers` and :func:`neighbour_vectors` — learned l = 1 vectors per
-  atom, :math:`\mathbf u_{ik} = \sum_j R_k(r_{ij}, Z_j)\,\mathbf r_{ij}` (Å).
+  atom, :math:`\mathbf u_{ik} = \sum_j R_k(r_{ij}, Z_j)\,\mathbf r_{ij}` (Å);
+* :class:`NeighbourHarmonics` — learned harmonics of every degree l ≤ l_max per atom,
+  :math:`h^l_{ic} = \sum_j R_{cl}(r_{ij}, Z_j)\,Y^l(\hat{\mathbf r}_{ij})` (irreps
+  ``C×0e + C×1o + C×2e …``), for blocks that need l ≥ 2 geometry the base features lack.
 
 Identity at initialisation and per-structure sums:
 
@@ -34,10 +37,11 @@ import torch
 
 from ._block import straight_through_coupling
 from ._elements import element_number, element_values, softplus_inverse
-from ._equivariant import bessel_wavenumbers, feature_vectors, neighbour_vectors
+from ._equivariant import NeighbourHarmonics, bessel_wavenumbers, feature_vectors, neighbour_vectors
 from ._mace_adapter import scalar_feature_indices, vector_feature_indices
 
 __all__ = [
+    "NeighbourHarmonics",
     "bessel_wavenumbers",
     "element_number",
     "element_values",

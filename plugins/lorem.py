@@ -1,8 +1,21 @@
 r"""LOREM-style long-range equivariant messages.
 
 Each atom carries C "spherical charges" for every degree l ≤ ``l_max`` and order m
-(irreps ``C×0e + C×1o [+ C×2e]``), made from the base model's features by an e3nn linear
-map. Every component q^{lm}_{ic} is treated as a scalar charge distribution of Gaussians of
+(irreps ``C×0e + C×1o [+ C×2e]``), made by an e3nn linear map from a state that starts as
+the base model's features plus the block's own local harmonics of the base graph's bonds,
+
+.. math:: h^{0,l}_{ic} = \big(W\,\mathrm{feats}_i\big)^{l}_c
+          + \sum_{j \in \mathcal N(i)} R_{cl}(r_{ij}, Z_j)\, Y^{l}(\hat{\mathbf r}_{ij})
+
+(:class:`mace_lr.nn.NeighbourHarmonics`, Bessel radial weights with the base's smooth
+cutoff). The harmonics matter where the base has no l = 2 features (max_L 1): a site with a
+mirror plane and a two-fold axis, like the carbon of a terminal CH₂, has all its vectors on
+the axis, so without them nothing of that carbon (nor 1o ⊗ 1o of its vectors) carries the
+orientation of its H–C–H plane, which then reaches the block only weakly through the
+hydrogens' in-plane vectors; with them the carbon's l = 2 charges carry it, and V² at a far
+CH₂ couples to them (a cumulene's torsion beyond the receptive field).
+
+Every component q^{lm}_{ic} is treated as a scalar charge distribution of Gaussians of
 width σ, and its potential
 
 .. math:: V^{lm}_{ic} = \frac{1}{k_e}\,\phi\big[q^{lm}_{\cdot c}\big]_i
@@ -49,7 +62,7 @@ from e3nn import o3
 
 from mace_lr import LongRangeBlock
 from mace_lr.electrostatics import COULOMB_CONSTANT, coulomb_potential_batch
-from mace_lr.nn import graph_sum
+from mace_lr.nn import NeighbourHarmonics, graph_sum
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +89,16 @@ class LoremBlock(LongRangeBlock):
         hidden: width of the energy readout's hidden layer (default 32).
         accuracy: relative accuracy of periodic sums (default 1e-3).
         method: ``"auto"``, ``"ewald"`` or ``"p3m"``.
+        local_harmonics: add the block's own local harmonics of the base graph's bonds,
+            ``Σ_j R_cl(r_ij, Z_j) Y^l(r̂_ij)`` for l ≤ ``l_max``, to the initial state
+            (default True; False gives the state of the base features alone).
+        num_basis: Bessel functions of their radial weights (default 8).
     """
 
     name = "lorem"
     required_inputs = ("total_charge",)
     use_square: torch.jit.Final[bool]
+    use_harmonics: torch.jit.Final[bool]
 
     def __init__(
         self,
@@ -94,16 +112,18 @@ class LoremBlock(LongRangeBlock):
         hidden: int = 32,
         accuracy: float = 1e-3,
         method: str = "auto",
+        local_harmonics: bool = True,
+        num_basis: int = 8,
         **config: Any,
     ) -> None:
         if config:
             raise TypeError(f"unknown lorem option(s): {', '.join(sorted(config))}")
         if int(l_max) not in (0, 1, 2):
             raise ValueError(f"lorem `l_max` must be 0, 1 or 2, got {l_max}")
-        if int(channels) < 1 or int(num_updates) < 1 or int(hidden) < 1:
+        if int(channels) < 1 or int(num_updates) < 1 or int(hidden) < 1 or int(num_basis) < 1:
             raise ValueError(
-                f"lorem `channels`, `num_updates` and `hidden` must be >= 1, got {channels}, "
-                f"{num_updates}, {hidden}"
+                f"lorem `channels`, `num_updates`, `hidden` and `num_basis` must be >= 1, got "
+                f"{channels}, {num_updates}, {hidden}, {num_basis}"
             )
         if smearing <= 0:
             raise ValueError(f"lorem `smearing` must be > 0 Å, got {smearing}")
@@ -118,6 +138,8 @@ class LoremBlock(LongRangeBlock):
             hidden=int(hidden),
             accuracy=float(accuracy),
             method=str(method),
+            local_harmonics=bool(local_harmonics),
+            num_basis=int(num_basis),
         )
         self.l_max = int(l_max)
         self.channels = int(channels)
@@ -132,6 +154,14 @@ class LoremBlock(LongRangeBlock):
         state = spherical_irreps(self.channels, self.l_max)
         self.state_irreps = str(state)
         self.embed = o3.Linear(self.irreps_in, state)
+        # local harmonics of the bonds: l = 2 geometry (bond planes) the base features may lack
+        self.use_harmonics = bool(local_harmonics)
+        if self.use_harmonics:
+            self.harmonics = NeighbourHarmonics(
+                len(atomic_numbers), self.channels, self.l_max, r_max, int(num_basis)
+            )
+        else:
+            self.harmonics = torch.nn.Identity()
         # rank-2 (2e) state from the vectors of the base model, which usually has none
         self.use_square = self.l_max >= 2 and any(ir.l == 1 and ir.p == -1 for _, ir in irreps_in)
         if self.use_square:
@@ -178,9 +208,12 @@ class LoremBlock(LongRangeBlock):
         )
         return phi / COULOMB_CONSTANT
 
-    def initial_state(self, node_feats: torch.Tensor) -> torch.Tensor:
-        """State h⁰ [n_atoms, dim state] from the base features (e3nn irreps order)."""
+    def initial_state(self, ctx: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """State h⁰ [n_atoms, dim state] from the base features and local harmonics (e3nn order)."""
+        node_feats = ctx["node_feats"].to(ctx["positions"].dtype)
         h = self.embed(node_feats)
+        if self.use_harmonics:
+            h = h + self.harmonics(ctx)
         if self.use_square:
             h2 = self.square(self.vec_a(node_feats), self.vec_b(node_feats))
             c = self.channels
@@ -209,7 +242,7 @@ class LoremBlock(LongRangeBlock):
         batch = ctx["batch"]
         ptr = ctx["ptr"]
         num_graphs = ptr.shape[0] - 1
-        h = self.initial_state(ctx["node_feats"].to(positions.dtype))
+        h = self.initial_state(ctx)
         q = torch.zeros_like(h)
         v = torch.zeros_like(h)
         for charge_map, message in zip(self.charge_maps, self.messages):

@@ -161,3 +161,40 @@ def test_identity_at_init_l2(base, systems):
 def test_bad_options(base, config, match):
     with pytest.raises((ValueError, TypeError), match=match):
         mace_lr.augment(base, {"lorem": config})
+
+
+def _two_ch2_ends(theta, separation=12.0):
+    """Two terminal CH₂ groups on the z axis, the far one twisted by θ (open boundaries)."""
+    from ase import Atoms
+
+    h = np.array([[0.93, 0.0, -0.55], [-0.93, 0.0, -0.55]])
+    rot = rotation([0, 0, 1], theta)
+    far = (h * [1, 1, -1]) @ rot.T + [0.0, 0.0, separation]
+    atoms = Atoms("CH2CH2", positions=np.vstack([[0, 0, 0], h, [0, 0, separation], far]))
+    atoms.info["charge"] = 0
+    return atoms
+
+
+@pytest.mark.parametrize("l_max", [1, 2])
+def test_local_harmonics_see_a_far_plane_orientation(l_max):
+    """The C of one CH₂ end feels the twist of a CH₂ plane beyond the receptive field.
+
+    By the C₂v symmetry of a terminal CH₂ every l ≤ 1 feature of its carbon lies on the
+    C₂ (z) axis, and the far group's potentials at that carbon are invariant under the C₂
+    rotation about z: V⁰ and V¹ do not depend on θ, and of V² only the m = ±2 part does,
+    which couples to nothing the base features (l ≤ 1, and 1o ⊗ 1o → 2e of axial vectors)
+    give the carbon. With the block's own l = 2 harmonics of its C–H bonds it couples.
+    """
+    base = T.make_test_model(atomic_numbers=(1, 6), r_max=4.0, seed=4)
+    thetas = (0.0, 0.5, 1.2, np.pi / 2)
+    spread = {}
+    for harmonics in (False, True):
+        model = lorem_model(base, l_max=l_max, channels=4, local_harmonics=harmonics)
+        energies = [float(T.evaluate(model, [_two_ch2_ends(t)])["lorem_node_energies"][0]) for t in thetas]
+        spread[harmonics] = max(energies) - min(energies)
+        assert abs(energies[0]) > 1e-3  # the carbon's block energy is not trivially zero
+    assert spread[False] <= 1e-11, spread  # blind: no model of these features sees the twist
+    if l_max == 2:
+        assert spread[True] >= 1e-4, spread
+    else:  # l = 1 harmonics of a C₂v site are axial too
+        assert spread[True] <= 1e-11, spread
