@@ -19,6 +19,14 @@ Identity at initialisation and per-structure sums:
 
 * :func:`straight_through_coupling` — the gate γ = max(a, 0) that starts a block silent;
 * :func:`graph_sum` — per-graph sums of per-atom values (energies, dipoles, charges).
+
+Learned k-space filters on a B-spline mesh of fixed spacing (the ``mesh`` and
+``attention`` blocks):
+
+* :func:`mesh_convolution` — Gaussian-mixture (or Coulomb) filtered field of per-atom
+  values at every atom, batched over graphs, differentiable in everything;
+* :func:`mesh_geometry` and :func:`bspline_weights` — its box, mesh counts and splines;
+* :func:`mesh_spacing_for` — the spacing that reaches a requested relative accuracy.
 """
 
 from __future__ import annotations
@@ -27,12 +35,17 @@ import torch
 
 from ._block import straight_through_coupling
 from ._equivariant import bessel_wavenumbers, feature_vectors, neighbour_vectors
+from ._gridding import bspline_weights, mesh_convolution, mesh_geometry, mesh_spacing_for
 from ._mace_adapter import scalar_feature_indices, vector_feature_indices
 
 __all__ = [
     "bessel_wavenumbers",
+    "bspline_weights",
     "feature_vectors",
     "graph_sum",
+    "mesh_convolution",
+    "mesh_geometry",
+    "mesh_spacing_for",
     "neighbour_vectors",
     "scalar_feature_indices",
     "straight_through_coupling",

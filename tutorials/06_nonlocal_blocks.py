@@ -40,7 +40,7 @@ BLOCKS = {
     "sr": None,
     "les": ("les", '{"smearing": 1.0}'),
     "attention": ("attention", '{"sigma_min": 5.0, "sigma_max": 10.0, "accuracy": 1e-4}'),
-    "mesh": ("mesh", '{"smearing": 3.0, "max_width": 8.0, "spacing": 1.5}'),
+    "mesh": ("mesh", '{"smearing": 3.0, "max_width": 8.0, "spacing": 2.0, "order": 5, "padding": 24.0}'),
 }
 LABELS = {
     "sr": "short-range fine-tuned",
