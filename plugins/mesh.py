@@ -16,8 +16,8 @@ In real space the filter is a sum of normalised Gaussians of widths :math:`s_b` 
 its reach is finite (a few :math:`s_{\max}`) and the k = 0 term is kept (it is the
 integral of the kernel). The block energy is an MLP of :math:`(h_i, \phi_i)` per atom,
 summed per graph, times the straight-through coupling γ = max(a, 0) (``coupling_init``,
-default 0): the block is exactly silent at initialisation and its parameters still get
-gradients.
+default 1). The MLP's last layer is zero-initialised, so the block is exactly silent at
+initialisation while the last layer (and through it everything else) gets gradients.
 
 Geometry (all differentiable, so forces, stress and field derivatives are exact):
 
@@ -108,7 +108,10 @@ class MeshBlock(LongRangeBlock):
             Å (default None: ``3.5·max_width + order·spacing``, images' kernel tail below
             e^{-24}; ``√(2 ln(1/ε))·max_width/2 + order·spacing/2`` keeps it below ε).
         hidden: width of the energy MLP's hidden layer (default 32).
-        coupling_init: initial coupling parameter ``a`` (0: identity at init).
+        coupling_init: initial coupling parameter ``a`` (default 1). Identity at init comes
+            from the zero-initialised last readout layer, not from ``a``: with a = 0 the
+            gate γ = max(a, 0) blocks every gradient but that of ``a``, and ``a`` drifted
+            below 0 in the tutorial-6 fine-tune (the block stayed off).
     """
 
     name = "mesh"
@@ -127,7 +130,7 @@ class MeshBlock(LongRangeBlock):
         accuracy: Optional[float] = None,
         padding: Optional[float] = None,
         hidden: int = 32,
-        coupling_init: float = 0.0,
+        coupling_init: float = 1.0,
         **config: Any,
     ) -> None:
         if config:
@@ -190,6 +193,8 @@ class MeshBlock(LongRangeBlock):
             torch.nn.SiLU(),
             torch.nn.Linear(hidden, 1),
         )
+        torch.nn.init.zeros_(self.readout[2].weight)
+        torch.nn.init.zeros_(self.readout[2].bias)
         self.coupling = torch.nn.Parameter(torch.tensor(float(coupling_init)))
 
     # ------------------------------------------------------------------ mesh
