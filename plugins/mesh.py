@@ -9,10 +9,12 @@ the atoms with the same weights (physics.md, "Nonlocal architectures"):
           \hat h_c(\mathbf k)\, e^{i\mathbf k\cdot\mathbf r_i},
    \qquad \hat h_c(\mathbf k) = \sum_j h_{jc}\, e^{-i\mathbf k\cdot\mathbf r_j},
 
-   f_c(k) = e^{-\sigma^2 k^2/2} \sum_b w_{cb}\, e^{-(s_b^2-\sigma^2) k^2/2},
+   f_c(k) = \lambda \sum_b w_{cb}\, (2\pi s_b^2)^{3/2} e^{-s_b^2 k^2/2},
    \quad \sigma = s_1 < s_2 < \dots < s_B = s_{\max} .
 
-In real space the filter is a sum of normalised Gaussians of widths :math:`s_b` (Å), so
+In real space the filter is a sum of Gaussians :math:`\lambda w_{cb} e^{-r^2/2s_b^2}` of
+widths :math:`s_b` (Å) peaking at λ w (λ = ``feature_scale``; unit-integral Gaussians made
+φ from 8 Å away ~1e-4 of the features and the block learned nothing in tutorial 6), so
 its reach is finite (a few :math:`s_{\max}`) and the k = 0 term is kept (it is the
 integral of the kernel). The block energy is an MLP of :math:`(h_i, \phi_i)` per atom,
 summed per graph, times the straight-through coupling γ = max(a, 0) (``coupling_init``,
@@ -107,6 +109,8 @@ class MeshBlock(LongRangeBlock):
         padding: vacuum on each side of open structures (and of slabs along the normal),
             Å (default None: ``3.5·max_width + order·spacing``, images' kernel tail below
             e^{-24}; ``√(2 ln(1/ε))·max_width/2 + order·spacing/2`` keeps it below ε).
+        feature_scale: real-space peak of each filter Gaussian per unit weight
+            (default 0.1; a constant, like attention's).
         hidden: width of the energy MLP's hidden layer (default 32).
         coupling_init: initial coupling parameter ``a`` (default 1). Identity at init comes
             from the zero-initialised last readout layer, not from ``a``: with a = 0 the
@@ -129,6 +133,7 @@ class MeshBlock(LongRangeBlock):
         order: int = 4,
         accuracy: Optional[float] = None,
         padding: Optional[float] = None,
+        feature_scale: float = 0.1,
         hidden: int = 32,
         coupling_init: float = 1.0,
         **config: Any,
@@ -158,6 +163,7 @@ class MeshBlock(LongRangeBlock):
             order=int(order),
             accuracy=None if accuracy is None else float(accuracy),
             padding=None if padding is None else float(padding),
+            feature_scale=float(feature_scale),
             hidden=int(hidden),
             coupling_init=float(coupling_init),
         )
@@ -169,6 +175,7 @@ class MeshBlock(LongRangeBlock):
         )
         self.smearing = float(smearing)
         self.max_width = float(max_width)
+        self.feature_scale = float(feature_scale)
         self.order = int(order)
         self.coulomb_constant = float(COULOMB_CONSTANT)
         if padding is not None and padding <= 0:
@@ -236,7 +243,7 @@ class MeshBlock(LongRangeBlock):
                 charge's own smeared field :math:`k_e\sqrt{2/\pi}\,q_i/\sigma`).
 
         Returns:
-            [n_atoms, C] :math:`\phi_{ic}` in u/Å³ (learned) or V (coulomb).
+            [n_atoms, C] :math:`\phi_{ic}` in u (learned) or V (coulomb).
         """
         dtype = values.dtype
         if kernel == "coulomb":
@@ -244,7 +251,10 @@ class MeshBlock(LongRangeBlock):
             amplitudes = torch.full((1, 1), self.coulomb_constant, dtype=dtype, device=values.device)
         elif kernel == "learned":
             widths = self.widths.to(dtype)
-            amplitudes = self.filter_weights.to(dtype)
+            # each basis Gaussian peaks at feature_scale in real space (not unit integral),
+            # so that φ carries features from s_max away at O(1), not O(1/(2π s_max²)^{3/2})
+            peak = (2.0 * math.pi * widths * widths) ** 1.5 * self.feature_scale
+            amplitudes = self.filter_weights.to(dtype) * peak[:, None]
         else:
             raise ValueError(f"mesh kernel must be 'learned' or 'coulomb', got '{kernel}'")
         phi, box = mesh_convolution(
