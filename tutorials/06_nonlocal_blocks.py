@@ -1,4 +1,4 @@
-"""Nonlocal blocks: what attention and mesh learn that LES and short-range fine-tuning cannot.
+"""Nonlocal blocks (attention, mesh) against LES and short-range fine-tuning on far-end coupling.
 
 The data (``data/nonlocal_*.xyz``, made by ``data/generate_nonlocal.py``, see
 ``data/README.md``) are C14 polyynes X-C14-Y in 2 x 2 *quartets*: X in {H, H2C= (charge +1)},
