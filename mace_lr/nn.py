@@ -29,6 +29,14 @@ Per-element options and positive parameters:
   as one value per element of the base model, with clear errors;
 * :func:`element_number` — the atomic number of a symbol or number;
 * :func:`softplus_inverse` — the raw value of a parameter kept positive by softplus.
+
+Learned k-space filters on a B-spline mesh of fixed spacing (the ``mesh`` and
+``attention`` blocks):
+
+* :func:`mesh_convolution` — Gaussian-mixture (or Coulomb) filtered field of per-atom
+  values at every atom, batched over graphs, differentiable in everything;
+* :func:`mesh_geometry` and :func:`bspline_weights` — its box, mesh counts and splines;
+* :func:`mesh_spacing_for` — the spacing that reaches a requested relative accuracy.
 """
 
 from __future__ import annotations
@@ -38,15 +46,20 @@ import torch
 from ._block import straight_through_coupling
 from ._elements import element_number, element_values, softplus_inverse
 from ._equivariant import NeighbourHarmonics, bessel_wavenumbers, feature_vectors, neighbour_vectors
+from ._gridding import bspline_weights, mesh_convolution, mesh_geometry, mesh_spacing_for
 from ._mace_adapter import scalar_feature_indices, vector_feature_indices
 
 __all__ = [
     "NeighbourHarmonics",
     "bessel_wavenumbers",
+    "bspline_weights",
     "element_number",
     "element_values",
     "feature_vectors",
     "graph_sum",
+    "mesh_convolution",
+    "mesh_geometry",
+    "mesh_spacing_for",
     "neighbour_vectors",
     "scalar_feature_indices",
     "softplus_inverse",

@@ -9,15 +9,17 @@ the atoms with the same weights (physics.md, "Nonlocal architectures"):
           \hat h_c(\mathbf k)\, e^{i\mathbf k\cdot\mathbf r_i},
    \qquad \hat h_c(\mathbf k) = \sum_j h_{jc}\, e^{-i\mathbf k\cdot\mathbf r_j},
 
-   f_c(k) = e^{-\sigma^2 k^2/2} \sum_b w_{cb}\, e^{-(s_b^2-\sigma^2) k^2/2},
+   f_c(k) = \lambda \sum_b w_{cb}\, (2\pi s_b^2)^{3/2} e^{-s_b^2 k^2/2},
    \quad \sigma = s_1 < s_2 < \dots < s_B = s_{\max} .
 
-In real space the filter is a sum of normalised Gaussians of widths :math:`s_b` (Å), so
+In real space the filter is a sum of Gaussians :math:`\lambda w_{cb} e^{-r^2/2s_b^2}` of
+widths :math:`s_b` (Å) peaking at λ w (λ = ``feature_scale``; unit-integral Gaussians made
+φ from 8 Å away ~1e-4 of the features and the block learned nothing in tutorial 6), so
 its reach is finite (a few :math:`s_{\max}`) and the k = 0 term is kept (it is the
 integral of the kernel). The block energy is an MLP of :math:`(h_i, \phi_i)` per atom,
 summed per graph, times the straight-through coupling γ = max(a, 0) (``coupling_init``,
-default 0): the block is exactly silent at initialisation and its parameters still get
-gradients.
+default 1). The MLP's last layer is zero-initialised, so the block is exactly silent at
+initialisation while the last layer (and through it everything else) gets gradients.
 
 Geometry (all differentiable, so forces, stress and field derivatives are exact):
 
@@ -40,16 +42,21 @@ Geometry (all differentiable, so forces, stress and field derivatives are exact)
   the identity holds to the discretisation error.
 * Discretisation: the mesh density of a smooth field is corrected by the B-spline
   transform (the filter is divided by :math:`U(\mathbf k)^2`,
-  :math:`U = \prod_a \operatorname{sinc}^p(\pi m_a/n_a)`); the error falls like
-  :math:`(h/2\pi\sigma)^p`. It shows as a residual of exact symmetries that the mesh
-  breaks (rotating an open molecule on the mesh, a supercell whose counts are not
-  multiples): ~1e-5 relative at the defaults (h = 1 Å, σ = 2 Å, p = 4), below 1e-7 with
-  h = 0.5 Å and p = 6 (about 8× the mesh points and 3.4× the stencil cost).
+  :math:`U = \prod_a \operatorname{sinc}^p(\pi m_a/n_a)`); what remains is the aliasing of
+  the splines, which for the narrowest filter Gaussian (σ = ``smearing``) is about
+  :math:`C_p (h/\sigma)^p` of the field (C_4 ≈ 0.02 … C_8 ≈ 0.0015, measured). It is the
+  residual of the exact symmetries the mesh breaks (rotating an open molecule on the
+  mesh, a supercell whose counts are not multiples). At the defaults (h = 1 Å, σ = 2 Å,
+  p = 4) a 2×2×2 supercell of a 5 Å cell (6 → 10 points per direction) is off by 9e-7;
+  ``accuracy=ε`` chooses h = σ (ε/C_p)^{1/p} instead of ``spacing``: with ``order=6,
+  accuracy=1e-6`` (h = 0.50 Å at σ = 2 Å; ~8× the mesh points and 3.4× the stencil of the
+  defaults) the same check on a non-commensurate mesh gives ≤ 1.2e-9 (tested at 1e-8).
 
 Batching: every graph has its own mesh in one flat buffer; spreading and interpolation
-are single scatter/gather operations over all atoms of the batch, and the FFTs run once
-per distinct mesh shape (graphs of equal shape share one batched FFT; the Python loop is
-over shapes, not graphs).
+are scatter/gather operations over all atoms of the batch, and the FFTs run once per
+distinct mesh shape (graphs of equal shape share one batched FFT; the Python loop is over
+shapes, not graphs). The mesh machinery is :func:`mace_lr.nn.mesh_convolution`, shared
+with the ``attention`` block.
 
 With ``kernel="coulomb"``, :meth:`MeshBlock.mesh_potential` applies
 :math:`k_e\,4\pi/k^2\, e^{-\sigma^2k^2/2}` (k = 0 excluded) instead of the learned filter:
@@ -61,39 +68,25 @@ without k = 0 is that of a conducting surrounding), for neutral charges.
 
 import logging
 import math
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from mace_lr import LongRangeBlock
 from mace_lr.electrostatics import COULOMB_CONSTANT
-from mace_lr.nn import graph_sum, scalar_feature_indices, straight_through_coupling
+from mace_lr.nn import (
+    bspline_weights,
+    graph_sum,
+    mesh_convolution,
+    mesh_geometry,
+    mesh_spacing_for,
+    scalar_feature_indices,
+    straight_through_coupling,
+)
+
+__all__ = ["MeshBlock", "bspline_weights"]
 
 logger = logging.getLogger(__name__)
-
-
-def bspline_weights(x: torch.Tensor, order: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Cardinal B-spline weights of mesh coordinates.
-
-    Args:
-        x: [n_atoms, 3] mesh coordinates (fractional coordinate × mesh count).
-        order: spline order p (p mesh points per direction).
-
-    Returns:
-        ``base`` [n_atoms, 3] int64 and ``weights`` [n_atoms, 3, p]: the atom gives weight
-        ``weights[i, a, k]`` to mesh point ``base[i, a] - k`` along direction a. The
-        weights sum to one and are C^{p-2} in x.
-    """
-    floor = torch.floor(x)
-    w = (x - floor).unsqueeze(-1)
-    ks = torch.arange(order, dtype=x.dtype, device=x.device)
-    u = w + ks  # [n, 3, p], u in [k, k+1)
-    a = torch.zeros_like(u)
-    a[..., 0] = 1.0
-    for n in range(2, order + 1):
-        shifted = torch.cat([torch.zeros_like(a[..., :1]), a[..., :-1]], dim=-1)
-        a = (u * a + (n - u) * shifted) / (n - 1)
-    return floor.to(torch.int64), a
 
 
 class MeshBlock(LongRangeBlock):
@@ -109,8 +102,20 @@ class MeshBlock(LongRangeBlock):
         max_width: largest Gaussian width s_max of the filter, Å: the reach (default 6.0).
         num_basis: number B of Gaussian widths, log-spaced from σ to s_max (default 6).
         order: B-spline order p (default 4; 5 or 6 are ~2× and ~3.4× slower and 10× more accurate).
+        accuracy: if given, the spacing is chosen for this relative discretisation error
+            of the mesh field (:func:`mace_lr.nn.mesh_spacing_for` at ``smearing`` and
+            ``order``; must be given with order 4 … 8) and ``spacing`` is ignored. Default
+            None (use ``spacing``).
+        padding: vacuum on each side of open structures (and of slabs along the normal),
+            Å (default None: ``3.5·max_width + order·spacing``, images' kernel tail below
+            e^{-24}; ``√(2 ln(1/ε))·max_width/2 + order·spacing/2`` keeps it below ε).
+        feature_scale: real-space peak of each filter Gaussian per unit weight
+            (default 0.1; a constant, like attention's).
         hidden: width of the energy MLP's hidden layer (default 32).
-        coupling_init: initial coupling parameter ``a`` (0: identity at init).
+        coupling_init: initial coupling parameter ``a`` (default 1). Identity at init comes
+            from the zero-initialised last readout layer, not from ``a``: with a = 0 the
+            gate γ = max(a, 0) blocks every gradient but that of ``a``, and ``a`` drifted
+            below 0 in the tutorial-6 fine-tune (the block stayed off).
     """
 
     name = "mesh"
@@ -126,8 +131,11 @@ class MeshBlock(LongRangeBlock):
         max_width: float = 6.0,
         num_basis: int = 6,
         order: int = 4,
+        accuracy: Optional[float] = None,
+        padding: Optional[float] = None,
+        feature_scale: float = 0.1,
         hidden: int = 32,
-        coupling_init: float = 0.0,
+        coupling_init: float = 1.0,
         **config: Any,
     ) -> None:
         if config:
@@ -153,16 +161,26 @@ class MeshBlock(LongRangeBlock):
             max_width=float(max_width),
             num_basis=int(num_basis),
             order=int(order),
+            accuracy=None if accuracy is None else float(accuracy),
+            padding=None if padding is None else float(padding),
+            feature_scale=float(feature_scale),
             hidden=int(hidden),
             coupling_init=float(coupling_init),
         )
         self.channels = int(channels)
-        self.spacing = float(spacing)
+        self.spacing = (
+            float(spacing)
+            if accuracy is None
+            else mesh_spacing_for(float(smearing), int(order), float(accuracy))
+        )
         self.smearing = float(smearing)
         self.max_width = float(max_width)
+        self.feature_scale = float(feature_scale)
         self.order = int(order)
         self.coulomb_constant = float(COULOMB_CONSTANT)
-        self.padding = 3.5 * self.max_width + self.order * self.spacing
+        if padding is not None and padding <= 0:
+            raise ValueError(f"mesh `padding` must be > 0 Å, got {padding}")
+        self.padding = 3.5 * self.max_width + self.order * self.spacing if padding is None else float(padding)
         scalars: List[int] = scalar_feature_indices(feature_irreps)
         if not scalars:
             raise ValueError(f"feature irreps {feature_irreps!r} have no invariant (0e) channels")
@@ -182,9 +200,11 @@ class MeshBlock(LongRangeBlock):
             torch.nn.SiLU(),
             torch.nn.Linear(hidden, 1),
         )
+        torch.nn.init.zeros_(self.readout[2].weight)
+        torch.nn.init.zeros_(self.readout[2].bias)
         self.coupling = torch.nn.Parameter(torch.tensor(float(coupling_init)))
 
-    # ------------------------------------------------------------------ geometry
+    # ------------------------------------------------------------------ mesh
     def mesh_geometry(
         self,
         positions: torch.Tensor,
@@ -193,70 +213,10 @@ class MeshBlock(LongRangeBlock):
         batch: torch.Tensor,
         ptr: torch.Tensor,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Box, mesh counts and mesh coordinates of every atom.
-
-        Args:
-            positions: [n_atoms, 3] Å.
-            cell: [G, 3, 3] Å, rows are lattice vectors (ignored along open directions).
-            pbc: [G, 3] bool.
-            batch: [n_atoms] int64 graph index.
-            ptr: [G + 1] int64 atom offsets.
-
-        Returns:
-            ``box`` [G, 3, 3] Å (rows: periodic lattice vectors, or n·h along open axes),
-            ``counts`` [G, 3] int64 (even), ``x`` [n_atoms, 3] mesh coordinates.
+        """Box [G, 3, 3] Å, even mesh counts [G, 3] and mesh coordinates [n_atoms, 3]
+        (:func:`mace_lr.nn.mesh_geometry` at this block's spacing and padding).
         """
-        num_graphs = ptr.shape[0] - 1
-        dtype = positions.dtype
-        periodic = pbc.to(torch.bool)
-        n_periodic = periodic.sum(dim=1)
-        if bool((n_periodic == 1).any()):
-            raise ValueError(
-                "mesh: pbc must be all True (bulk), all False (open) or two periodic directions "
-                "(slab); one periodic direction (a wire) is not supported"
-            )
-        natoms = (ptr[1:] - ptr[:-1]).to(dtype).clamp(min=1.0)
-        centroid = graph_sum(positions, batch, num_graphs) / natoms[:, None]
-        rel = positions - centroid[batch]
-        # unit vector of each open direction: the slab normal (a × b normalised) for a slab,
-        # the Cartesian axis for an open structure
-        normals = torch.cross(cell.roll(-1, dims=1), cell.roll(-2, dims=1), dim=-1)
-        norm = torch.linalg.norm(normals, dim=-1, keepdim=True)
-        normals = normals / torch.where(norm > 0, norm, torch.ones_like(norm))
-        eye = torch.eye(3, dtype=dtype, device=positions.device).expand(num_graphs, 3, 3)
-        axes = torch.where((n_periodic == 0)[:, None, None], eye, normals)  # [G, 3, 3]
-        along = torch.einsum("nd,nad->na", rel.detach(), axes.detach()[batch]).abs()
-        dev = torch.zeros((num_graphs, 3), dtype=dtype, device=positions.device)
-        dev = dev.scatter_reduce(0, batch[:, None].expand(-1, 3), along, "amax")
-        open_length = 2.0 * (dev + self.padding)
-        lengths = torch.linalg.norm(cell.detach(), dim=-1)
-        need = torch.where(periodic, lengths, open_length)
-        counts = 2 * torch.ceil(need / (2.0 * self.spacing) - 1e-6).to(torch.int64)
-        counts = counts.clamp(min=2)
-        open_box = axes * (counts.to(dtype) * self.spacing)[:, :, None]
-        box = torch.where(periodic[:, :, None], cell, open_box)
-        frac = torch.linalg.solve(box[batch].transpose(1, 2), rel.unsqueeze(-1)).squeeze(-1)
-        x = frac * counts[batch].to(dtype)
-        return box, counts, x
-
-    # ------------------------------------------------------------------ mesh maps
-    def _stencil(
-        self, x: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor, batch: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Flat mesh indices [N·p³] and B-spline weights [N, p³] of every atom's stencil."""
-        base, w = bspline_weights(x, self.order)
-        n = counts[batch]  # [N, 3]
-        p = self.order
-        ks = torch.arange(p, device=x.device)
-        idx = torch.remainder(base[:, :, None] - ks, n[:, :, None])  # [N, 3, p]
-        flat = (
-            (idx[:, 0, :, None, None] * n[:, 1, None, None, None] + idx[:, 1, None, :, None])
-            * n[:, 2, None, None, None]
-            + idx[:, 2, None, None, :]
-            + offsets[batch][:, None, None, None]
-        )
-        weights = w[:, 0, :, None, None] * w[:, 1, None, :, None] * w[:, 2, None, None, :]
-        return flat.reshape(-1), weights.reshape(-1, p * p * p)
+        return mesh_geometry(positions, cell, pbc, batch, ptr, self.spacing, self.padding)
 
     def mesh_potential(
         self,
@@ -283,59 +243,36 @@ class MeshBlock(LongRangeBlock):
                 charge's own smeared field :math:`k_e\sqrt{2/\pi}\,q_i/\sigma`).
 
         Returns:
-            [n_atoms, C] :math:`\phi_{ic}` in u/Å³ (learned) or V (coulomb).
+            [n_atoms, C] :math:`\phi_{ic}` in u (learned) or V (coulomb).
         """
-        box, counts, x = self.mesh_geometry(positions, cell, pbc, batch, ptr)
-        num_graphs = ptr.shape[0] - 1
-        sizes = counts.prod(dim=1)
-        counts_list: List[List[int]] = counts.tolist()
-        # graphs with equal mesh shapes are stored next to each other
-        key_base = 1 << 20
-        keys: List[int] = [(c[0] * key_base + c[1]) * key_base + c[2] for c in counts_list]
-        groups: Dict[int, List[int]] = {}
-        for g in range(num_graphs):
-            k = keys[g]
-            if k in groups:
-                groups[k].append(g)
-            else:
-                groups[k] = [g]
-        order_list: List[int] = []
-        for k in sorted(groups.keys()):
-            order_list.extend(groups[k])
-        order_t = torch.tensor(order_list, dtype=torch.int64, device=positions.device)
-        sorted_sizes = sizes[order_t]
-        sorted_offsets = torch.cumsum(sorted_sizes, 0) - sorted_sizes
-        offsets = torch.zeros_like(sizes).index_copy(0, order_t, sorted_offsets)
-        total = int(sizes.sum())
-        nchan = values.shape[1]
-
-        index, weights = self._stencil(x, counts, offsets, batch)
-        contrib = (weights[:, :, None] * values[:, None, :]).reshape(-1, nchan)
-        mesh = torch.zeros((total, nchan), dtype=values.dtype, device=values.device)
-        mesh.index_add_(0, index, contrib)
-
-        volume = torch.linalg.det(box).abs()
-        out_parts: List[torch.Tensor] = []
-        start = 0
-        for k in sorted(groups.keys()):
-            members = groups[k]
-            gs = len(members)
-            c = counts_list[members[0]]
-            n0, n1, n2 = c[0], c[1], c[2]
-            block = mesh[start : start + gs * n0 * n1 * n2].reshape(gs, n0, n1, n2, nchan)
-            start += gs * n0 * n1 * n2
-            member_t = torch.tensor(members, dtype=torch.int64, device=positions.device)
-            gbox = box[member_t]
-            filt = self._kspace_filter(gbox, n0, n1, n2, kernel, values.dtype)  # [gs, n0, n1, n2h, C|1]
-            rho = torch.fft.rfftn(block, dim=[1, 2, 3])
-            field = torch.fft.irfftn(rho * filt, s=[n0, n1, n2], dim=[1, 2, 3])
-            scale = float(n0 * n1 * n2) / volume[member_t]
-            out_parts.append((field * scale[:, None, None, None, None]).reshape(-1, nchan))
-        field_mesh = torch.cat(out_parts, dim=0)
-
-        picked = field_mesh.index_select(0, index).reshape(weights.shape[0], weights.shape[1], nchan)
-        phi = (weights[:, :, None] * picked).sum(1)
+        dtype = values.dtype
         if kernel == "coulomb":
+            widths = torch.full((1,), self.smearing, dtype=dtype, device=values.device)
+            amplitudes = torch.full((1, 1), self.coulomb_constant, dtype=dtype, device=values.device)
+        elif kernel == "learned":
+            widths = self.widths.to(dtype)
+            # each basis Gaussian peaks at feature_scale in real space (not unit integral),
+            # so that φ carries features from s_max away at O(1), not O(1/(2π s_max²)^{3/2})
+            peak = (2.0 * math.pi * widths * widths) ** 1.5 * self.feature_scale
+            amplitudes = self.filter_weights.to(dtype) * peak[:, None]
+        else:
+            raise ValueError(f"mesh kernel must be 'learned' or 'coulomb', got '{kernel}'")
+        phi, box = mesh_convolution(
+            positions,
+            values,
+            cell,
+            pbc,
+            batch,
+            ptr,
+            widths,
+            amplitudes,
+            self.spacing,
+            self.order,
+            self.padding,
+            kernel == "coulomb",
+        )
+        if kernel == "coulomb":
+            volume = torch.linalg.det(box).abs()
             phi = phi + self._vacuum_correction(positions, values, pbc, batch, ptr, box, volume)
         return phi
 
@@ -372,46 +309,6 @@ class MeshBlock(LongRangeBlock):
         dipole = graph_sum(values[:, :, None] * proj[:, None, :], batch, num_graphs)  # [G, C, 3]
         scale = self.coulomb_constant * 4.0 * math.pi * weight / volume  # [G]
         return scale[batch][:, None] * (dipole[batch] * proj[:, None, :]).sum(-1)
-
-    def _kspace_filter(
-        self, box: torch.Tensor, n0: int, n1: int, n2: int, kernel: str, dtype: torch.dtype
-    ) -> torch.Tensor:
-        """Filter on the rfft grid [gs, n0, n1, n2//2+1, C or 1], divided by U(k)²."""
-        device = box.device
-        m0 = torch.fft.fftfreq(n0, d=1.0 / n0, device=device, dtype=dtype)
-        m1 = torch.fft.fftfreq(n1, d=1.0 / n1, device=device, dtype=dtype)
-        m2 = torch.fft.rfftfreq(n2, d=1.0 / n2, device=device, dtype=dtype)
-        grid = torch.stack(torch.meshgrid([m0, m1, m2], indexing="ij"), dim=-1)  # [n0, n1, n2h, 3]
-        recip = 2.0 * math.pi * torch.linalg.inv(box).transpose(1, 2)  # [gs, 3, 3], rows b_j
-        kvec = torch.einsum("xyzj,gjd->gxyzd", grid, recip)
-        k2 = (kvec * kvec).sum(-1)  # [gs, n0, n1, n2h]
-        p = self.order
-        u = (
-            self._sinc_power(m0, n0, 2 * p)[:, None, None]
-            * self._sinc_power(m1, n1, 2 * p)[None, :, None]
-            * self._sinc_power(m2, n2, 2 * p)[None, None, :]
-        )
-        if kernel == "coulomb":
-            safe = torch.where(k2 > 0, k2, torch.ones_like(k2))
-            f = torch.where(
-                k2 > 0,
-                self.coulomb_constant * 4.0 * math.pi / safe * torch.exp(-0.5 * self.smearing**2 * k2),
-                torch.zeros_like(k2),
-            )
-            return (f / u).unsqueeze(-1)
-        if kernel != "learned":
-            raise ValueError(f"mesh kernel must be 'learned' or 'coulomb', got '{kernel}'")
-        widths = self.widths.to(dtype)
-        basis = torch.exp(-0.5 * k2.unsqueeze(-1) * widths**2)  # [gs, n0, n1, n2h, B]
-        f = basis @ self.filter_weights.to(dtype)
-        return f / u.unsqueeze(-1)
-
-    @staticmethod
-    def _sinc_power(m: torch.Tensor, n: int, power: int) -> torch.Tensor:
-        """sinc(π m / n)^power (the B-spline transform along one direction)."""
-        arg = math.pi * m / n
-        safe = torch.where(arg == 0, torch.ones_like(arg), arg)
-        return torch.where(arg == 0, torch.ones_like(arg), torch.sin(safe) / safe) ** power
 
     # ------------------------------------------------------------------ block
     def gamma(self) -> torch.Tensor:

@@ -195,3 +195,80 @@ def test_slab_supercell_in_plane():
     e4 = T.evaluate(model, [atoms * (2, 2, 1)])["lr_energy"][0].item()
     assert abs(e1) > 1e-3
     assert abs(e4 - 4 * e1) <= 1e-8 * abs(4 * e1), f"E(2x2x1 slab) - 4 E(slab) = {e4 - 4 * e1:.3g} eV"
+
+
+# ---------------------------------------------------------------- mesh path (O(N log N))
+
+
+@pytest.mark.parametrize("pbc", [(True, True, True), (False, False, False), (True, True, False)])
+def test_mesh_path_matches_direct_sum(pbc):
+    """B-spline mesh + FFT and the reciprocal-vector sum agree to the requested accuracy."""
+    rng = np.random.default_rng(8)
+    cell = np.array([[9.0, 0.0, 0.0], [1.5, 8.5, 0.0], [0.7, -0.9, 10.5]])
+    pos = rng.uniform(size=(16, 3)) @ cell
+    feats = rng.normal(size=(16, 12))
+    ctx = make_ctx(pos, feats, cell=cell if any(pbc) else None, pbc=pbc)
+    for accuracy in (1e-4, 1e-6):
+        direct = make_block(accuracy=accuracy, method="direct")
+        mesh = make_block(accuracy=accuracy, method="mesh")
+        a_d, a_m = direct.attend(ctx), mesh.attend(ctx)
+        err = ((a_d - a_m).abs().max() / a_d.abs().max()).item()
+        assert err <= accuracy, (accuracy, err)
+        e_d, e_m = direct(ctx)["energy"].item(), mesh(ctx)["energy"].item()
+        assert abs(e_d - e_m) <= accuracy * abs(e_d), (accuracy, e_d, e_m)
+
+
+def test_auto_picks_the_mesh_for_large_cells_only(monkeypatch):
+    """Per graph, by the cost model; a batch mixing both paths equals the graphs one by one."""
+    import mace_lr.plugins.attention as attention_module
+
+    rng = np.random.default_rng(9)
+    small_cell, big_cell = np.diag([6.0, 6.5, 7.0]), np.diag([12.0, 12.5, 13.0])
+    pos_s, pos_b = rng.uniform(size=(4, 3)) @ small_cell, rng.uniform(size=(12, 3)) @ big_cell
+    feats = rng.normal(size=(16, 12))
+    block = make_block(method="auto")
+    # the direct cost n·K of the two graphs; a mesh overhead between them splits the batch
+    k_small, k_big = (
+        block.plan(
+            torch.tensor(p), torch.tensor(c)[None], torch.tensor([[True] * 3]), torch.tensor([0, len(p)])
+        )[1].shape[1]
+        for p, c in ((pos_s, small_cell), (pos_b, big_cell))
+    )
+    threshold = math.sqrt(4 * k_small * 12 * k_big)
+    monkeypatch.setattr(attention_module, "_STENCIL_COST", 0.0)
+    monkeypatch.setattr(attention_module, "_FFT_COST", 0.0)
+    monkeypatch.setattr(attention_module, "_MESH_OVERHEAD", threshold)
+    ctx = make_ctx(
+        np.concatenate([pos_s, pos_b]),
+        feats,
+        cell=np.stack([small_cell, big_cell]),
+        pbc=(True,) * 3,
+        sizes=[4, 12],
+    )
+    use_mesh = block.plan(ctx["positions"], ctx["cell"], ctx["pbc"], ctx["ptr"])[0]
+    assert use_mesh.tolist() == [False, True]
+    batched = block(ctx)["energy"]
+    single = [
+        block(make_ctx(pos_s, feats[:4], cell=small_cell, pbc=(True,) * 3))["energy"],
+        make_block(method="mesh")(make_ctx(pos_b, feats[4:], cell=big_cell, pbc=(True,) * 3))["energy"],
+    ]
+    torch.testing.assert_close(batched, torch.cat(single), rtol=1e-12, atol=1e-12)
+
+
+def test_mesh_path_supercell_and_finite_differences():
+    """Mesh path: E(2×2×2) = 8 E(cell) to 1e-8 at the default accuracy (1e-6), and forces and
+    stress are the exact gradients of its energy."""
+    base = T.make_test_model()
+    model = T.perturb_blocks(mace_lr.augment(base, "attention", method="mesh"))
+    atoms = T.reference_systems()["periodic"]
+    e1 = T.evaluate(model, [atoms])["lr_energy"][0].item()
+    e8 = T.evaluate(model, [atoms * (2, 2, 2)])["lr_energy"][0].item()
+    assert abs(e1) > 1e-3
+    assert abs(e8 - 8 * e1) <= 1e-8 * abs(8 * e1), f"E(2x2x2) - 8 E(cell) = {e8 - 8 * e1:.3g} eV"
+    T.assert_forces_match_finite_differences(model, atoms, max_components=6)
+    T.assert_stress_matches_finite_differences(model, atoms)
+
+
+@pytest.mark.slow
+def test_attention_block_contract_mesh_path():
+    T.run_block_contract("attention", config={"method": "mesh"})
