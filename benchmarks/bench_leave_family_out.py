@@ -122,43 +122,63 @@ def train_all(runs: list, args) -> dict:
     return walls
 
 
-def calculator(name: str, path: Path):
-    if name == "sr":
-        from mace.calculators import MACECalculator
+def load_model(name: str, path: Path):
+    import torch
 
-        return MACECalculator(model_paths=str(path), device="cpu", default_dtype="float64")
+    if name == "sr":  # mace's own .model file (no block)
+        return torch.load(str(path), map_location="cpu", weights_only=False).double()
     import mace_lr
 
-    return mace_lr.MACELRCalculator(model_paths=str(path), device="cpu", default_dtype="float64")
+    return mace_lr.load(str(path), device="cpu")
 
 
-def _energy(calc, atoms, charge: int):
+def predict(model, structures: list, chunk: int = 16) -> tuple:
+    """Energies [n] and per-structure charges (None without a charge block), batched."""
+    from mace_lr.testing import evaluate
+
+    energies, charges = [], []
+    for k in range(0, len(structures), chunk):
+        part = structures[k : k + chunk]
+        out = evaluate(model, part, compute_force=False)
+        energies += [float(e) for e in out["energy"]]
+        q = out.get("charges")
+        bounds = np.cumsum([0] + [len(a) for a in part])
+        for g in range(len(part)):
+            charges.append(None if q is None else q[bounds[g] : bounds[g + 1]].cpu().numpy())
+    return np.array(energies), charges
+
+
+def _with_charge(atoms, charge: int):
     atoms = atoms.copy()
     atoms.info = {"charge": int(charge)}
-    atoms.calc = calc
-    energy = atoms.get_potential_energy()
-    q = calc.results.get("charges")
-    return energy, (None if q is None else np.array(q))
+    return atoms
 
 
-def evaluate_dimers(calc, frames: list) -> dict:
+def evaluate_dimers(model, frames: list, has_charges: bool) -> list:
     """Binding energies and fragment charge sums (in the dimer and alone) of each dimer."""
-    rows = []
+    dimers, parts_a, parts_b, formal = [], [], [], []
     for f in frames:
         frag = f.arrays["fragment"]
         qa = int(f.info.get("charge_A", round(f.info["REF_charge_A"])))
         qb = int(f.info.get("charge_B", round(f.info["REF_charge_B"])))
-        e_ab, q_ab = _energy(calc, f, qa + qb)
-        e_a, q_a = _energy(calc, f[frag == 0], qa)
-        e_b, q_b = _energy(calc, f[frag == 1], qb)
-        row = {
-            "binding": e_ab - e_a - e_b,
-            "ref": f.info["REF_binding_energy"],
-            "type": f.info["config_type"],
-        }
-        if q_ab is not None:
-            row["dq_in_dimer"] = max(abs(q_ab[frag == 0].sum() - qa), abs(q_ab[frag == 1].sum() - qb))
-            row["dq_alone"] = max(abs(q_a.sum() - qa), abs(q_b.sum() - qb))
+        dimers.append(_with_charge(f, qa + qb))
+        parts_a.append(_with_charge(f[frag == 0], qa))
+        parts_b.append(_with_charge(f[frag == 1], qb))
+        formal.append((qa, qb))
+    e_ab, q_ab = predict(model, dimers)
+    e_a, q_a = predict(model, parts_a)
+    e_b, q_b = predict(model, parts_b)
+    rows = []
+    for k, f in enumerate(frames):
+        frag = f.arrays["fragment"]
+        qa, qb = formal[k]
+        row = {"binding": float(e_ab[k] - e_a[k] - e_b[k]), "ref": f.info["REF_binding_energy"]}
+        row["type"] = f.info["config_type"]
+        if has_charges:
+            row["dq_in_dimer"] = float(
+                max(abs(q_ab[k][frag == 0].sum() - qa), abs(q_ab[k][frag == 1].sum() - qb))
+            )
+            row["dq_alone"] = float(max(abs(q_a[k].sum() - qa), abs(q_b[k].sum() - qb)))
         rows.append(row)
     return rows
 
@@ -190,13 +210,26 @@ def dimer_metrics(rows: list) -> dict:
     return out
 
 
-def monomer_sums(calc, frames: list) -> dict:
-    out = {}
-    for f in frames:
-        _, q = _energy(calc, f, int(f.info["charge"]))
-        if q is not None:
-            out[f.info["name"]] = (int(f.info["charge"]), float(q.sum()))
-    return out
+def monomer_sums(model, frames: list) -> dict:
+    structures = [_with_charge(f, int(f.info["charge"])) for f in frames]
+    _, charges = predict(model, structures)
+    return {f.info["name"]: (int(f.info["charge"]), float(q.sum())) for f, q in zip(frames, charges)}
+
+
+def evaluate_run(name: str, path: Path, test: list, main_test: list, monomers: list) -> dict:
+    """Metrics of one trained model (cached in ``eval.json`` beside it)."""
+    cache = path.parent / "eval.json"
+    if cache.exists() and cache.stat().st_mtime > path.stat().st_mtime:
+        return json.loads(cache.read_text())
+    model = load_model(name, path)
+    charged = name != "sr"
+    r = {"lfo": dimer_metrics(evaluate_dimers(model, test, charged))}
+    r["main"] = dimer_metrics(evaluate_dimers(model, main_test, charged))
+    if charged:
+        r["monomers"] = monomer_sums(model, monomers)
+        r["gamma"] = float(model.blocks[BLOCK[name]].gamma().detach())
+    cache.write_text(json.dumps(r, indent=1))
+    return r
 
 
 def _stat(values) -> str:
@@ -256,10 +289,13 @@ def tables(results: dict, names: list, seeds: list, args, n_test: dict) -> str:
                     f"{m['like15_ratio_max']:.3f}], {100 * m['like15_within_10pct']:.0f} %"
                 )
         lines.append(f"- {LABELS[name]}: " + "; ".join(parts))
-    lines += ["", "Charge sums of isolated monomers, Σq − Q (e), first seed:", ""]
+    lines += ["", "Charge sums of isolated monomers, Σq − Q (e), each model's first trained seed:", ""]
     charge_models = [n for n in names if n != "sr"]
-    s0 = seeds[0]
-    mono = {n: results[(n, s0)]["monomers"] for n in charge_models if (n, s0) in results}
+    mono = {}
+    for n in charge_models:
+        done = [s for s in seeds if (n, s) in results]
+        if done:
+            mono[n] = results[(n, done[0])]["monomers"]
     if mono:
         first = next(iter(mono.values()))
         lines.append("| monomer | Q | " + " | ".join(LABELS[n] for n in mono) + " |")
@@ -310,6 +346,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="epochs per fine-tune (default 20)")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--dipole_weight", type=float, default=5.0)
+    parser.add_argument("--lesq_config", default=CONFIG["lesq"], help="--lr_config of the charge-aware run")
     parser.add_argument("--parallel", type=int, default=1, help="trainings at once (one thread each)")
     parser.add_argument("--fast", action="store_true", help="1 epoch, one seed (smoke test)")
     parser.add_argument("--tag", default=None)
@@ -317,6 +354,7 @@ def main() -> None:
     parser.add_argument("--retrain", action="store_true", help="train again even where a model exists")
     parser.add_argument("--skip_training", action="store_true", help="only evaluate the models in --out")
     args = parser.parse_args()
+    CONFIG["lesq"] = args.lesq_config
     args.epochs = args.epochs or (1 if args.fast else 20)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     bad = sorted(set(names) - set(LABELS))
@@ -358,12 +396,8 @@ def main() -> None:
         path = d / f"{name}.model"
         if not path.exists():
             continue
-        calc = calculator(name, path)
-        r = {"wall": walls.get((name, seed)), "lfo": dimer_metrics(evaluate_dimers(calc, test))}
-        r["main"] = dimer_metrics(evaluate_dimers(calc, main_test))
-        if name != "sr":
-            r["monomers"] = monomer_sums(calc, monomers)
-            r["gamma"] = float(calc.model.blocks[BLOCK[name]].gamma().detach())
+        r = evaluate_run(name, path, test, main_test, monomers)
+        r["wall"] = walls.get((name, seed))
         results[(name, seed)] = r
         print(f"  evaluated {LABELS[name]} seed {seed}: held-out binding RMSE {r['lfo']['bind_rmse_meV']:.0f} meV, "
               f"main split {r['main']['bind_rmse_meV']:.0f} meV", flush=True)  # fmt: skip

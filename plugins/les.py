@@ -53,7 +53,13 @@ k, through δ), and their Coulomb energy at long range is that of those fraction
 so E(A…B) → E(A) + E(B) holds only as far as the readout is right. A structure evaluated
 alone always carries exactly its charge. Learned weights can localise the excess (large
 :math:`w` on the atoms of ions, small on neutral molecules), which is what makes distant
-fragments keep their formal charges when the readout is nearly right. No embedding of
+fragments keep their formal charges when the readout is nearly right. The cost of a leak is large:
+a fragment's own (intramolecular) Coulomb energy grows as the square of its net charge
+(several eV/e² for σ = 1 Å), so moving 0.5 e between two distant ions changes the energy of
+the pair by eV, far more than their 1 eV interaction at 15 Å
+(``benchmarks/bench_leave_family_out.py``, ``data/README.md``). For the same reason the
+charged structures' block energy is large from the first step, and the gradient on the
+coupling can close the gate (γ = 0) early in training. No embedding of
 :math:`Q_g` into the readout is used: it would give every atom of every fragment the
 structure's charge as an input (a neutral molecule's charges would change with a distant
 ion's presence), would not enforce the sum, and the correction above already uses
