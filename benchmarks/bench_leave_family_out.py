@@ -28,6 +28,11 @@ smearing 1 Å, qeq defaults.
     python benchmarks/bench_leave_family_out.py --epochs 20 --seeds 1 --parallel 2
     python benchmarks/bench_leave_family_out.py --fast                # 1 epoch, smoke test
     python benchmarks/bench_leave_family_out.py --base other.model --tag other_base
+    python benchmarks/bench_leave_family_out.py --models lesq --tag coupling05 \
+        --lesq_config '{"smearing": 1.0, "total_charge": "learned", "coupling_init": 0.5}'
+
+(with ``coupling_init`` 0 the charge-aware coupling closed, γ = 0, in 2 of 3 seeds; measured
+tables in ``data/README.md``, "Leave-family-out test set").
 
 Every run uses one thread; ``--parallel`` runs that many trainings at once. Outputs go to
 ``benchmarks/results/leave_family_out/<tag>/`` (gitignored): one directory per run,
