@@ -18,10 +18,56 @@ values when the data ask for electrostatics; γ itself is never negative. The re
 ``charges`` √γ q̃ are the physical charges whose plain Coulomb energy is the block energy.
 A dipole-only loss gives no gradient while γ = 0 (√γ has an infinite slope there);
 start such runs with ``coupling_init > 0``.
+
+**Total-charge-aware charges** (``total_charge="uniform"`` or ``"learned"``; default
+``"none"``: the latent charges above, unconstrained). The readout alone need not give an
+isolated ion charges that add up to its charge, nor a neutral molecule charges that add up
+to zero. With the option on, the readout's charges are corrected so that every structure
+g carries exactly its total charge :math:`Q_g` (``total_charge``, ``atoms.info["charge"]``
+or ``--total_charge_key`` in training):
+
+.. math:: q_i = \tilde q_i + \frac{w_i}{\sum_{j\in g} w_j}
+          \Big(Q_g - \sum_{j\in g} \tilde q_j\Big),
+
+the minimiser of :math:`\sum_i (q_i - \tilde q_i)^2 / 2w_i` under :math:`\sum_{i\in g} q_i =
+Q_g` (charge equilibration without the Coulomb term: :math:`w_i` is a softness, an inverse
+hardness). ``"uniform"``: :math:`w_i = 1`, the excess shared equally by all atoms.
+``"learned"``: :math:`w_i = \operatorname{softplus}(u(h_i))` from a second readout of the
+invariant features (electronegativity-like; its output layer starts at zero, so it starts
+uniform), which can put the excess where the chemistry holds it. In this mode the energy is
+:math:`\gamma\,[E_\mathrm{coul}(q) - \mathcal E\cdot\sum_i q_i \mathbf r_i]` and the reported
+``charges`` are :math:`q` itself (they sum to :math:`Q_g` whatever γ, as in ``qeq``); γ acts
+as an inverse dielectric constant and the dipole is :math:`\gamma \sum_i q_i \mathbf r_i`. The
+block is still exactly silent at initialisation (γ = 0), and the forces are exact
+gradients (the correction is differentiable and uses sums over each graph's atoms).
+
+*Structures of several fragments.* The total charge is known per structure, not per
+fragment, so the correction is one global operation: the excess
+:math:`\delta = Q_g - \sum_j \tilde q_j` is spread over all atoms of the structure by their
+weights, and each fragment receives the share :math:`\delta\,W_F/W` of it
+(:math:`W_F = \sum_{i \in F} w_i`). Where the readout already gives every fragment its own
+charge, δ = 0 and nothing moves. Otherwise charge is moved between fragments however far
+apart they are: two distant fragments then carry non-integer net charges that depend on each
+other's size and composition (the charges are no longer local: ∂q_i/∂R_k ≠ 0 for a distant
+k, through δ), and their Coulomb energy at long range is that of those fractional charges,
+so E(A…B) → E(A) + E(B) holds only as far as the readout is right. A structure evaluated
+alone always carries exactly its charge. Learned weights can localise the excess (large
+:math:`w` on the atoms of ions, small on neutral molecules), which is what makes distant
+fragments keep their formal charges when the readout is nearly right. The cost of a leak is large:
+a fragment's own (intramolecular) Coulomb energy grows as the square of its net charge
+(several eV/e² for σ = 1 Å), so moving 0.5 e between two distant ions changes the energy of
+the pair by eV, far more than their 1 eV interaction at 15 Å
+(``benchmarks/bench_leave_family_out.py``, ``data/README.md``). For the same reason the
+charged structures' block energy is large from the first step, and the gradient on the
+coupling can close the gate (γ = 0) early in training. No embedding of
+:math:`Q_g` into the readout is used: it would give every atom of every fragment the
+structure's charge as an input (a neutral molecule's charges would change with a distant
+ion's presence), would not enforce the sum, and the correction above already uses
+:math:`Q_g` exactly.
 """
 
 import logging
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
@@ -30,6 +76,9 @@ from mace_lr.electrostatics import coulomb_potential_batch, coulomb_potential_gr
 from mace_lr.nn import graph_sum, scalar_feature_indices, straight_through_coupling
 
 logger = logging.getLogger(__name__)
+
+#: values of the ``total_charge`` option
+TOTAL_CHARGE_MODES = ("none", "uniform", "learned")
 
 
 class LESBlock(LongRangeBlock):
@@ -48,12 +97,18 @@ class LESBlock(LongRangeBlock):
             part on the base model's graph edges, TorchScript-compilable: the deployable
             engine, :func:`mace_lr.electrostatics.coulomb_potential_graph`; no slabs).
         coupling_init: initial value of the coupling parameter ``a`` (0: identity at init).
+        total_charge: ``"none"`` (default: unconstrained latent charges), ``"uniform"`` or
+            ``"learned"``: charges corrected so that each structure's sum is its
+            ``total_charge`` (the excess spread equally, or by learned softplus weights).
+            With it on the model requires the total charge of every structure.
     """
 
     name = "les"
     #: ``method == "graph"``: a TorchScript constant, so a scripted block compiles only the
     #: engine it runs (the graph engine has no Python callback)
     graph_engine: torch.jit.Final[bool]
+    # set per instance when `total_charge` is on; not part of the compiled module
+    __jit_ignored_attributes__ = ["required_inputs"]
     outputs = (Output.charges("latent charges (a scale of its Coulomb energy, not a charge partition)"),)
 
     def __init__(
@@ -66,12 +121,19 @@ class LESBlock(LongRangeBlock):
         accuracy: float = 1e-3,
         method: str = "auto",
         coupling_init: float = 0.0,
+        total_charge: str = "none",
         **config: Any,
     ) -> None:
         if config:
             raise TypeError(f"unknown LES option(s): {', '.join(sorted(config))}")
         if smearing <= 0:
             raise ValueError(f"LES `smearing` must be > 0 Å, got {smearing}")
+        if total_charge not in TOTAL_CHARGE_MODES:
+            raise ValueError(
+                f"LES `total_charge` must be one of {', '.join(map(repr, TOTAL_CHARGE_MODES))}, "
+                f"got {total_charge!r}"
+            )
+        extra: Dict[str, Any] = {} if total_charge == "none" else {"total_charge": str(total_charge)}
         super().__init__(
             feature_irreps,
             atomic_numbers,
@@ -81,7 +143,11 @@ class LESBlock(LongRangeBlock):
             accuracy=float(accuracy),
             method=str(method),
             coupling_init=float(coupling_init),
+            **extra,
         )
+        self.total_charge_mode = str(total_charge)
+        if total_charge != "none":
+            self.required_inputs = ("total_charge",)
         self.smearing = float(smearing)
         self.accuracy = float(accuracy)
         self.method = str(method)
@@ -96,10 +162,49 @@ class LESBlock(LongRangeBlock):
             torch.nn.Linear(hidden, 1),
         )
         self.coupling = torch.nn.Parameter(torch.tensor(float(coupling_init)))
+        # softness readout of the "learned" mode (output layer zero: uniform weights at init);
+        # an Identity (no parameters) otherwise, so that older models load unchanged
+        self.weight_readout = torch.nn.Identity()
+        if total_charge == "learned":
+            self.weight_readout = torch.nn.Sequential(
+                torch.nn.Linear(len(scalars), hidden),
+                torch.nn.SiLU(),
+                torch.nn.Linear(hidden, 1),
+            )
+            torch.nn.init.zeros_(self.weight_readout[2].weight)
+            torch.nn.init.zeros_(self.weight_readout[2].bias)
+
+    @staticmethod
+    def required_inputs_for(options: Mapping[str, Any]) -> Tuple[str, ...]:
+        """Data keys a block built with ``options`` requires (``total_charge`` when the option is on)."""
+        return ("total_charge",) if options.get("total_charge", "none") != "none" else ()
 
     def latent_charges(self, node_feats: torch.Tensor) -> torch.Tensor:
         """Latent charges ``q̃`` [n_atoms] from the invariant features."""
         return self.readout(node_feats[:, self.scalar_index]).squeeze(-1)
+
+    def conserve_charge(
+        self,
+        q_latent: torch.Tensor,
+        node_feats: torch.Tensor,
+        batch: torch.Tensor,
+        total_charge: torch.Tensor,
+    ) -> torch.Tensor:
+        r"""Charges [n_atoms] e whose sum over each graph is ``total_charge`` [n_graphs] e.
+
+        :math:`q_i = \tilde q_i + w_i (Q_g - \sum_{j \in g} \tilde q_j) / \sum_{j \in g} w_j`
+        with :math:`w_i = 1` (``"uniform"``) or :math:`\operatorname{softplus}(u(h_i))`
+        (``"learned"``); segment sums over ``batch``, no loop over graphs.
+        """
+        num_graphs = total_charge.shape[0]
+        if self.total_charge_mode == "learned":
+            raw = self.weight_readout(node_feats[:, self.scalar_index]).squeeze(-1).to(q_latent.dtype)
+            weights = torch.nn.functional.softplus(raw) + 1e-6
+        else:
+            weights = torch.ones_like(q_latent)
+        excess = total_charge.to(q_latent.dtype) - graph_sum(q_latent, batch, num_graphs)
+        weight_sum = torch.clamp(graph_sum(weights, batch, num_graphs), min=1e-30)
+        return q_latent + weights * (excess / weight_sum)[batch]
 
     def gamma(self) -> torch.Tensor:
         """Coupling γ = max(a, 0), with the gradient of ``a`` passed straight through."""
@@ -138,6 +243,9 @@ class LESBlock(LongRangeBlock):
         positions = ctx["positions"]
         q_latent = self.latent_charges(ctx["node_feats"]).to(positions.dtype)
         num_graphs = ctx["ptr"].shape[0] - 1
+        conserving = self.total_charge_mode != "none"
+        if conserving:
+            q_latent = self.conserve_charge(q_latent, ctx["node_feats"], ctx["batch"], ctx["total_charge"])
         if self.graph_engine:
             phi = coulomb_potential_graph(
                 positions, q_latent[:, None], ctx["cell"], ctx["pbc"], ctx["ptr"], ctx["edge_index"],
@@ -148,8 +256,13 @@ class LESBlock(LongRangeBlock):
             e_coulomb = self.coulomb_energies(
                 positions, q_latent, ctx["cell"], ctx["pbc"], ctx["ptr"], ctx["batch"]
             )
-        charges = self.physical_scale().to(positions.dtype) * q_latent
-        dipole = graph_sum(charges[:, None] * positions, ctx["batch"], num_graphs)
+        gamma = self.gamma().to(positions.dtype)
+        if conserving:  # charges sum to Q; γ screens their energy and field coupling together
+            charges = q_latent
+            dipole = gamma * graph_sum(charges[:, None] * positions, ctx["batch"], num_graphs)
+        else:
+            charges = self.physical_scale().to(positions.dtype) * q_latent
+            dipole = graph_sum(charges[:, None] * positions, ctx["batch"], num_graphs)
         field_energy = -(ctx["external_field"] * dipole).sum(-1)
-        energy = self.gamma().to(positions.dtype) * e_coulomb + field_energy
+        energy = gamma * e_coulomb + field_energy
         return {"energy": energy, "charges": charges, "dipole": dipole}
