@@ -50,7 +50,8 @@ from tblite.library import ffi
 HERE = Path(__file__).resolve().parent
 METHOD = "GFN2-xTB"
 ACCURACY = 0.01  # tblite accuracy (SCF convergence 100x tighter than default, for clean differences)
-# the neutral monomers of the dimer set, which data/base_mace.model was trained on
+# the neutral monomers of the dimer set (data/base_mace_dimers.model was trained on all four;
+# the broad data/base_mace.model on all but H2O, which it holds out)
 MOLECULES = ["H2O", "NH3", "H2CO", "CH3OH"]
 SPLITS = {"train": (21, 50), "valid": (22, 8), "test": (23, 15)}  # name: (seed, per molecule)
 E_MAX = 0.5  # V/Å, largest field magnitude

@@ -1,6 +1,7 @@
-"""Sanity check of the shipped data and base model (prints two tables, writes nothing).
+"""Sanity check of the shipped data and base model (prints tables, writes nothing).
 
-    python data/sanity_check.py
+    python data/sanity_check.py                                   # data/base_mace.model
+    python data/sanity_check.py --model data/base_mace_dimers.model  # the earlier dimer-only base
 
 1. Binding energy E(AB) - E(A) - E(B) of tetramethylammonium + nitrate along one fixed random
    orientation (rigid monomers from data/monomers.xyz): GFN2-xTB vs the point-charge Coulomb
@@ -9,10 +10,15 @@
    data/dimers_test.xyz (9–15 Å, held out), per config_type and, for ion pairs, per separation
    bin. The model's binding energy uses the same fragment geometries as the reference
    (atoms.arrays["fragment"]), so errors of the model's monomer energies cancel.
+3. Base MACE total-energy and force errors on the small molecules of
+   data/generate_base_molecules.py: data/base_molecules_valid.xyz (species seen in training,
+   new rattles) by charge and kind, and data/base_molecules_heldout.xyz (families never
+   trained on) by species. Configurations with elements the model does not know are skipped.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -28,10 +34,10 @@ HERE = Path(__file__).resolve().parent
 COULOMB = 14.399645  # eV·Å
 
 
-def base_calc():
+def base_calc(path: Path):
     from mace.calculators import MACECalculator
 
-    return MACECalculator(model_paths=str(HERE / "base_mace.model"), device="cpu", default_dtype="float64")
+    return MACECalculator(model_paths=str(path), device="cpu", default_dtype="float64")
 
 
 def energy(atoms, calc) -> float:
@@ -99,8 +105,42 @@ def binding_errors(calc, fname: str, title: str, bins) -> None:
               f"{np.abs(ml - ref).mean():8.4f}")  # fmt: skip
 
 
+def molecule_errors(calc) -> None:
+    known = {int(z) for z in calc.models[0].atomic_numbers}
+
+    def stats(sub):
+        de = np.array([energy(a, calc) - a.info["REF_energy"] for a in sub])
+        n = np.array([len(a) for a in sub])
+        df = []
+        for a in sub:
+            b = a.copy()
+            b.calc = calc
+            df.append(b.get_forces() - a.arrays["REF_forces"])
+        df = np.concatenate(df)
+        e_atom, f_rmse = 1000 * np.sqrt(((de / n) ** 2).mean()), 1000 * np.sqrt((df**2).mean())
+        return f"{len(sub):>4} {de.mean():9.3f} {np.sqrt((de**2).mean()):9.3f} {e_atom:10.1f} {f_rmse:9.1f}"
+
+    head = f"{'n':>4} {'<dE> eV':>9} {'RMSE eV':>9} {'meV/atom':>10} {'F meV/Å':>9}"
+    for fname, key in (("base_molecules_valid.xyz", "group"), ("base_molecules_heldout.xyz", "mol_A")):
+        frames = [a for a in read(HERE / fname, ":") if set(a.numbers) <= known]
+        skipped = len(read(HERE / fname, ":")) - len(frames)
+        print(f"\nBase MACE total energies on data/{fname} ({skipped} skipped: unknown elements)")
+        print(f"{key:<22}{head}")
+        for a in frames:
+            q = a.info["charge"]
+            kind = "pair" if a.info["config_type"].endswith("pair") else "monomer"
+            a.info["group"] = f"{kind} q{'=0' if q == 0 else ('>0' if q > 0 else '<0')}"
+        for g in sorted({a.info[key] for a in frames}):
+            print(f"{g:<22}{stats([a for a in frames if a.info[key] == g])}")
+        if frames:
+            print(f"{'all':<22}{stats(frames)}")
+
+
 if __name__ == "__main__":
-    calc = base_calc()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=HERE / "base_mace.model")
+    calc = base_calc(parser.parse_args().model)
     scan(calc)
     binding_errors(calc, "dimers_valid.xyz", "3.5–8 Å, training range", ((3.5, 5), (5, 6.5), (6.5, 8)))
     binding_errors(calc, "dimers_test.xyz", "9–15 Å, held out", ((9, 11), (11, 13), (13, 15)))
+    molecule_errors(calc)

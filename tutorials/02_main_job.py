@@ -123,6 +123,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2, help="threads for the evaluation")
     args = parser.parse_args()
+    # the fine-tunes run inside --out: make the data and model paths independent of the cwd
+    args.base, args.train, args.valid, args.test = (
+        p.resolve() for p in (args.base, args.train, args.valid, args.test)
+    )
     epochs = args.epochs or (2 if args.fast else 50)
     args.out.mkdir(parents=True, exist_ok=True)
 
