@@ -8,7 +8,8 @@ What it does (data shipped in ``data/``, see ``data/README.md``, "Molten NaCl"):
    * ``--lr_blocks les``  (learned charges + Ewald electrostatics)
    * no block             (short-range MACE)
 
-   The shipped ``data/base_mace.model`` knows only H, C, N, O, so both start from scratch;
+   The shipped ``data/base_mace.model`` is a molecular model that has seen no molten
+   salt, so both start from scratch;
 2. prints their held-out energy and force errors;
 3. runs MD with each model from ASE (Langevin, then NVE) and analyses the trajectories with
    :mod:`mace_lr.analysis`:
