@@ -167,7 +167,8 @@ def test_two_cpu_processes_train_like_one_process_on_the_global_batch(tmp_path, 
         assert (value - one[key]).abs().max() < 1e-10, key
 
     # rank 0 wrote the final model in mace-lr's format; it matches the one-process model
-    assert not (tmp_path / "ddp_compiled.model").exists()
+    # ... and the TorchScript of its deployable form beside it (loads without mace-lr code)
+    assert isinstance(torch.jit.load(str(tmp_path / "ddp_compiled.model")), torch.jit.ScriptModule)
     model, ref = mace_lr.load(tmp_path / "ddp.model"), mace_lr.load(tmp_path / "one.model")
     ref_params = dict(ref.named_parameters())
     for key, value in model.named_parameters():
