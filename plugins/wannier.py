@@ -64,6 +64,14 @@ _VALENCE = {
 }  # fmt: skip
 
 
+def net_charges(ion: torch.Tensor, electrons: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:
+    """Ion charges minus centroid electrons summed per graph [G], e (offsets ``ptr``)."""
+    n_graphs = ptr.shape[0] - 1
+    batch = torch.repeat_interleave(torch.arange(n_graphs, device=ptr.device), ptr[1:] - ptr[:-1])
+    formal = (ion - electrons).detach()
+    return torch.zeros(n_graphs, dtype=formal.dtype, device=formal.device).index_add(0, batch, formal)
+
+
 def coulomb_sites(
     positions: torch.Tensor,
     centroids: torch.Tensor,
@@ -252,10 +260,7 @@ class WannierBlock(LongRangeBlock):
         its centroids (graphs in order).
         """
         n_graphs = ptr.shape[0] - 1
-        counts = ptr[1:] - ptr[:-1]
-        batch = torch.repeat_interleave(torch.arange(n_graphs, device=ptr.device), counts)
-        formal = (ion - electrons).detach()
-        net = torch.zeros(n_graphs, dtype=formal.dtype, device=formal.device).index_add(0, batch, formal)
+        net = net_charges(ion, electrons, ptr)
         bad = (net - total_charge.to(net.dtype)).abs() > 1e-6
         if bool(bad.any()):
             g = int(torch.nonzero(bad)[0, 0])
@@ -294,11 +299,7 @@ class WannierBlock(LongRangeBlock):
     ) -> torch.Tensor:
         """As :meth:`coulomb_energies`, on the TorchScript graph engine (no real-space part)."""
         n_graphs = ptr.shape[0] - 1
-        formal = (ion - electrons).detach()
-        net = torch.zeros(n_graphs, dtype=formal.dtype, device=formal.device)
-        net = net.index_add(
-            0, torch.repeat_interleave(torch.arange(n_graphs, device=ptr.device), ptr[1:] - ptr[:-1]), formal
-        )
+        net = net_charges(ion, electrons, ptr)
         if bool(((net - total_charge.to(net.dtype)).abs() > 1e-6).any()):
             raise ValueError(
                 "wannier block: ion charges minus centroid electrons differ from the total charge"
