@@ -84,6 +84,16 @@ class LongRangeBlock(torch.nn.Module):
         self.r_max = float(r_max)
         self._config: Dict[str, Any] = copy.deepcopy(dict(config))
 
+    @classmethod
+    def required_inputs_for(cls, options: Dict[str, Any]) -> Sequence[str]:
+        """Context keys a block built with ``options`` requires from the data.
+
+        :attr:`required_inputs` by default; a block whose needs depend on its options
+        (e.g. LES with ``total_charge``) overrides this, so that training checks the data
+        before it starts.
+        """
+        return tuple(cls.required_inputs)
+
     def forward(self, ctx: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Compute the block's contribution.
 

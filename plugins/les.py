@@ -174,8 +174,8 @@ class LESBlock(LongRangeBlock):
             torch.nn.init.zeros_(self.weight_readout[2].weight)
             torch.nn.init.zeros_(self.weight_readout[2].bias)
 
-    @staticmethod
-    def required_inputs_for(options: Mapping[str, Any]) -> Tuple[str, ...]:
+    @classmethod
+    def required_inputs_for(cls, options: Mapping[str, Any]) -> Tuple[str, ...]:
         """Data keys a block built with ``options`` requires (``total_charge`` when the option is on)."""
         return ("total_charge",) if options.get("total_charge", "none") != "none" else ()
 

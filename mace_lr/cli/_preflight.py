@@ -76,10 +76,7 @@ def preflight(
         if not isinstance(options, dict):
             raise ValueError(f"options of block {name!r} must be a mapping, got {options!r}")
         _check_block_options(name, cls, options, fz)
-        # a block whose needs depend on its options says so (e.g. LES with `total_charge`)
-        needs = getattr(cls, "required_inputs_for", None)
-        keys = needs(options) if callable(needs) else getattr(cls, "required_inputs", ())
-        required += [_data_key(args, key) for key in keys]
+        required += [_data_key(args, key) for key in cls.required_inputs_for(options)]
     blocks = dict(classes)
     if foundation is not None:
         blocks.update({name: type(block) for name, block in foundation.blocks.items()})
