@@ -272,6 +272,9 @@ def main() -> None:
     parser.add_argument("--qeq_config", default=None, help="--lr_config for the QEq run (JSON)")
     parser.add_argument("--skip_training", action="store_true", help="evaluate the models already in --out")
     args = parser.parse_args()
+    # the runs happen in their own folders: relative paths are taken from where the user is
+    for key in ("out", "base", "train", "valid", "test"):
+        setattr(args, key, getattr(args, key).resolve())
     args.epochs = args.epochs or (2 if args.fast else 60)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = sorted(set(names) - set(LABELS))

@@ -74,7 +74,16 @@ def test_field_response_fast(tmp_path):
     out_dir = tmp_path / "field"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(
-        [sys.executable, str(TUTORIALS / "03_field_response.py"), "--fast", "--out", str(out_dir)],
+        # relative --out and --base, taken from the caller's folder (the runs happen in their own)
+        [
+            sys.executable,
+            str(TUTORIALS / "03_field_response.py"),
+            "--fast",
+            "--out",
+            "field",
+            "--base",
+            os.path.relpath(TUTORIALS.parent / "data" / "base_mace.model", tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=900,

@@ -109,6 +109,9 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=2, help="threads for the evaluation")
     args = parser.parse_args()
+    # the runs happen in their own folders: relative paths are taken from where the user is
+    for key in ("out", "base", "train", "valid", "test"):
+        setattr(args, key, getattr(args, key).resolve())
     epochs = args.epochs or (1 if args.fast else 40)
     args.out.mkdir(parents=True, exist_ok=True)
 
