@@ -43,6 +43,7 @@ shape (the Python loop is over shapes, not graphs).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, List, Tuple
 
 import torch
@@ -196,6 +197,264 @@ def _shape_groups(counts_list: List[List[int]]) -> Tuple[List[List[int]], List[i
     return out, order_list
 
 
+def _csr(
+    crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, rows: int, columns: int
+) -> torch.Tensor:
+    """A CSR matrix (no invariant check: the stencil builds valid ones)."""
+    with warnings.catch_warnings():
+        # "Sparse CSR tensor support is in beta state": the products with dense matrices
+        # used here are tested against the index_add/index_select stencil
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support", category=UserWarning)
+        return torch.sparse_csr_tensor(crow, cols, values, (rows, columns), check_invariants=False)
+
+
+class _Stencil:
+    """The constant index structure of one assignment: atom i gives weight ``W[i, s]`` to
+    mesh row ``flat[i, s]`` (s over the p³ stencil points); both CSR orientations.
+
+    Atom-major (interpolation, ``[n_atoms, mesh]``) rows hold the p³ points of an atom;
+    mesh-major (assignment, ``[mesh, n_atoms]``) rows are sorted by mesh point once
+    (``perm``) and reused by every assignment of the call and of its gradients.
+    """
+
+    def __init__(self, flat: torch.Tensor, total: int, repeats: bool):
+        n_atoms, points = flat.shape
+        #: an atom's stencil visits a mesh row more than once (a mesh count below p)
+        self.repeats = repeats
+        self.flat = flat
+        device = flat.device
+        index_dtype = torch.int32 if max(total, n_atoms * points) < 2**31 - 1 else torch.int64
+        self.n_atoms, self.points, self.total = n_atoms, points, total
+        self.crow = torch.arange(n_atoms + 1, device=device, dtype=index_dtype) * points
+        self.cols = flat.reshape(-1).to(index_dtype)
+        self.perm = torch.argsort(self.cols, stable=True)
+        counts = torch.bincount(self.cols.to(torch.int64), minlength=total)
+        crow_t = torch.zeros(total + 1, dtype=torch.int64, device=device)
+        crow_t[1:] = torch.cumsum(counts, 0)
+        self.crow_t = crow_t.to(index_dtype)
+        self.cols_t = torch.div(self.perm, points, rounding_mode="floor").to(index_dtype)
+
+    def interpolation(self, weights: torch.Tensor) -> torch.Tensor:
+        """``[n_atoms, mesh]`` CSR of ``weights`` [n_atoms, p³]."""
+        return _csr(self.crow, self.cols, weights.reshape(-1), self.n_atoms, self.total)
+
+    def assignment(self, weights: torch.Tensor) -> torch.Tensor:
+        """``[mesh, n_atoms]`` CSR of ``weights`` [n_atoms, p³] (the transpose)."""
+        values = weights.reshape(-1).index_select(0, self.perm)
+        return _csr(self.crow_t, self.cols_t, values, self.total, self.n_atoms)
+
+
+class _Assign(torch.autograd.Function):
+    r"""Mesh values :math:`M_{mc} = \sum_{is:\,f_{is}=m} W_{is} h_{ic}` ([mesh, C])."""
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, values: torch.Tensor, stencil: _Stencil) -> torch.Tensor:  # type: ignore[override]
+        ctx.stencil = stencil
+        ctx.save_for_backward(weights, values)
+        return stencil.assignment(weights) @ values
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        weights, values = ctx.saved_tensors
+        grad_w = grad_v = None
+        if ctx.needs_input_grad[0]:
+            grad_w = _Pair.apply(grad, values, ctx.stencil)
+        if ctx.needs_input_grad[1]:
+            grad_v = _Interpolate.apply(weights, grad, ctx.stencil)
+        return grad_w, grad_v, None
+
+
+class _Interpolate(torch.autograd.Function):
+    r"""Values at the atoms :math:`\phi_{ic} = \sum_s W_{is} M_{f_{is}c}` ([n_atoms, C])."""
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, mesh: torch.Tensor, stencil: _Stencil) -> torch.Tensor:  # type: ignore[override]
+        ctx.stencil = stencil
+        ctx.save_for_backward(weights, mesh)
+        return stencil.interpolation(weights) @ mesh
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        weights, mesh = ctx.saved_tensors
+        grad_w = grad_m = None
+        if ctx.needs_input_grad[0]:
+            grad_w = _Pair.apply(mesh, grad, ctx.stencil)
+        if ctx.needs_input_grad[1]:
+            grad_m = _Assign.apply(weights, grad, ctx.stencil)
+        return grad_w, grad_m, None
+
+
+class _Pair(torch.autograd.Function):
+    r"""Stencil products :math:`P_{is} = \sum_c h_{ic} M_{f_{is}c}` ([n_atoms, p³]): the
+    weight gradient of both :class:`_Assign` and :class:`_Interpolate`.
+    """
+
+    @staticmethod
+    def forward(ctx, mesh: torch.Tensor, values: torch.Tensor, stencil: _Stencil) -> torch.Tensor:  # type: ignore[override]
+        ctx.stencil = stencil
+        ctx.save_for_backward(mesh, values)
+        if stencil.repeats:
+            # sampled_addmm wants distinct columns per row: gather the stencil in chunks
+            n_atoms, points = stencil.n_atoms, stencil.points
+            chunk = max(1, (1 << 22) // max(1, points * mesh.shape[1]))
+            parts = []
+            for i in range(0, n_atoms, chunk):
+                rows = stencil.flat[i : i + chunk]
+                picked = mesh.index_select(0, rows.reshape(-1)).view(rows.shape[0], points, -1)
+                parts.append(torch.bmm(picked, values[i : i + chunk, :, None]).squeeze(2))
+            return torch.cat(parts) if parts else values.new_zeros((0, points))
+        pattern = stencil.interpolation(values.new_zeros(stencil.n_atoms * stencil.points))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support", category=UserWarning)
+            out = torch.sparse.sampled_addmm(pattern, values, mesh.t(), beta=0.0)
+        return out.values().reshape(stencil.n_atoms, stencil.points)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        mesh, values = ctx.saved_tensors
+        grad_m = grad_v = None
+        if ctx.needs_input_grad[0]:
+            grad_m = _Assign.apply(grad, values, ctx.stencil)
+        if ctx.needs_input_grad[1]:
+            grad_v = _Interpolate.apply(grad, mesh, ctx.stencil)
+        return grad_m, grad_v, None
+
+
+def _mesh_layout(counts: torch.Tensor) -> Tuple[List[List[int]], List[List[int]], torch.Tensor, int]:
+    """Graphs grouped by mesh shape, their mesh counts, each graph's offset in the flat
+    mesh buffer [G] and the buffer's length (mesh points of all graphs).
+    """
+    counts_list: List[List[int]] = counts.tolist()
+    groups, order_list = _shape_groups(counts_list)
+    sizes = counts.prod(dim=1)
+    order_t = torch.tensor(order_list, dtype=torch.int64, device=counts.device)
+    sorted_sizes = sizes[order_t]
+    sorted_offsets = torch.cumsum(sorted_sizes, 0) - sorted_sizes
+    offsets = torch.zeros_like(sizes).index_copy(0, order_t, sorted_offsets)
+    return groups, counts_list, offsets, int(sizes.sum())
+
+
+def _stencil(
+    x: torch.Tensor, counts: torch.Tensor, batch: torch.Tensor, offsets: torch.Tensor, order: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mesh rows ``flat`` [n_atoms, p³] (int64) and weights ``W`` [n_atoms, p³] of every
+    atom's stencil, point (a, b, c) at ``a·p² + b·p + c``.
+    """
+    n_atoms = x.shape[0]
+    p = order
+    base, w = bspline_weights(x, p)
+    n = counts[batch]  # [N, 3]
+    ks = torch.arange(p, device=x.device)
+    idx = torch.remainder(base[:, :, None] - ks, n[:, :, None])  # [N, 3, p]
+    row = (idx[:, 0] * (n[:, 1] * n[:, 2])[:, None] + offsets[batch][:, None])[:, :, None, None]
+    plane = (idx[:, 1, :, None] * n[:, 2, None, None] + idx[:, 2, None, :])[:, None]  # [N, 1, p, p]
+    flat = (row + plane).reshape(n_atoms, p * p * p)
+    weights = (w[:, 0, :, None, None] * w[:, 1, None, :, None] * w[:, 2, None, None, :]).reshape(
+        n_atoms, p * p * p
+    )
+    return flat, weights
+
+
+def _assign_indexed(flat: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, total: int, order: int):
+    """Mesh values [total, C] by ``index_add`` in p chunks (the TorchScript path)."""
+    n_atoms, nchan = values.shape[0], values.shape[1]
+    p2 = order * order
+    flat_c = flat.view(n_atoms, order, p2)
+    w_c = weights.view(n_atoms, order, p2)
+    mesh = torch.zeros((total, nchan), dtype=values.dtype, device=values.device)
+    for a in range(order):
+        contrib = torch.bmm(w_c[:, a, :, None], values[:, None, :]).reshape(-1, nchan)
+        mesh.index_add_(0, flat_c[:, a].reshape(-1), contrib)
+    return mesh
+
+
+def _interpolate_indexed(flat: torch.Tensor, weights: torch.Tensor, mesh: torch.Tensor, order: int):
+    """Values at the atoms [n_atoms, C] by ``index_select`` in p chunks (TorchScript path)."""
+    n_atoms, nchan = flat.shape[0], mesh.shape[1]
+    p2 = order * order
+    flat_c = flat.view(n_atoms, order, p2)
+    w_c = weights.view(n_atoms, order, p2)
+    phi = torch.zeros((n_atoms, nchan), dtype=mesh.dtype, device=mesh.device)
+    for a in range(order):
+        picked = mesh.index_select(0, flat_c[:, a].reshape(-1)).reshape(n_atoms, p2, nchan)
+        phi = phi + torch.bmm(w_c[:, a, None, :], picked).squeeze(1)
+    return phi
+
+
+def _filter_mesh(
+    mesh: torch.Tensor,
+    groups: List[List[int]],
+    counts_list: List[List[int]],
+    box: torch.Tensor,
+    widths: torch.Tensor,
+    amplitudes: torch.Tensor,
+    order: int,
+    coulomb: bool,
+) -> torch.Tensor:
+    """The filtered field [total, C] of mesh values [total, C] (FFT once per mesh shape)."""
+    device = mesh.device
+    nchan = mesh.shape[1]
+    volume = torch.linalg.det(box).abs()
+    out_parts: List[torch.Tensor] = []
+    begin = 0
+    for members in groups:
+        gs = len(members)
+        c = counts_list[members[0]]
+        n0, n1, n2 = c[0], c[1], c[2]
+        points = n0 * n1 * n2
+        block = mesh[begin : begin + gs * points].view(gs, points, nchan)
+        begin += gs * points
+        member_t = torch.tensor(members, dtype=torch.int64, device=device)
+        filt = _kspace_filter(box[member_t], n0, n1, n2, widths, amplitudes, order, coulomb)
+        scale = (float(points) / volume[member_t])[:, None, None, None, None]
+        # a few channels at a time (about 2^20 mesh values): one large batched FFT is
+        # slower than a loop over cache-sized ones
+        # (split, not slices: their gradients are one concatenation, not a zero-filled
+        # copy of the whole block per chunk)
+        step = max(1, min(nchan, (1 << 20) // (gs * points)))
+        # channels first, so that the FFTs run over contiguous memory
+        parts = block.transpose(1, 2).reshape(gs, nchan, n0, n1, n2).split(step, dim=1)
+        filters = [filt] * len(parts) if filt.shape[1] == 1 else filt.split(step, dim=1)
+        fields: List[torch.Tensor] = []
+        for part, f_part in zip(parts, filters):
+            rho = torch.fft.rfftn(part, dim=[2, 3, 4])
+            field = torch.fft.irfftn(rho * f_part, s=[n0, n1, n2], dim=[2, 3, 4]) * scale
+            fields.append(field.reshape(gs, part.shape[1], points))
+        field = fields[0] if len(fields) == 1 else torch.cat(fields, dim=1)
+        out_parts.append(field.transpose(1, 2).reshape(-1, nchan))
+    return out_parts[0] if len(out_parts) == 1 else torch.cat(out_parts, dim=0)
+
+
+@torch.jit.unused
+def _convolve_sparse(
+    flat: torch.Tensor,
+    weights: torch.Tensor,
+    values: torch.Tensor,
+    total: int,
+    groups: List[List[int]],
+    counts_list: List[List[int]],
+    box: torch.Tensor,
+    widths: torch.Tensor,
+    amplitudes: torch.Tensor,
+    order: int,
+    coulomb: bool,
+) -> torch.Tensor:
+    """Eager path: assignment and interpolation as CSR products (:class:`_Assign`,
+    :class:`_Interpolate`), whose gradients recompute the stencil products instead of
+    saving [n_atoms·p³, C] of them.
+    """
+    # atoms in mesh order (by their stencil's first point), so that neighbouring rows of
+    # both products touch neighbouring mesh rows (cache reuse on large meshes)
+    atom_order = torch.argsort(flat[:, 0])
+    inverse = torch.empty_like(atom_order)
+    inverse[atom_order] = torch.arange(atom_order.shape[0], device=atom_order.device)
+    stencil = _Stencil(flat.index_select(0, atom_order), total, min(min(c) for c in counts_list) < order)
+    weights = weights.index_select(0, atom_order)
+    mesh = _Assign.apply(weights, values.index_select(0, atom_order), stencil)
+    field = _filter_mesh(mesh, groups, counts_list, box, widths, amplitudes, order, coulomb)
+    return _Interpolate.apply(weights, field, stencil).index_select(0, inverse)
+
+
 def mesh_convolution(
     positions: torch.Tensor,
     values: torch.Tensor,
@@ -231,59 +490,16 @@ def mesh_convolution(
         [G, 3, 3] Å, the periodic box used for each graph.
     """
     box, counts, x = mesh_geometry(positions, cell, pbc, batch, ptr, spacing, padding)
-    device = positions.device
-    counts_list: List[List[int]] = counts.tolist()
-    groups, order_list = _shape_groups(counts_list)
-    sizes = counts.prod(dim=1)
-    order_t = torch.tensor(order_list, dtype=torch.int64, device=device)
-    sorted_sizes = sizes[order_t]
-    sorted_offsets = torch.cumsum(sorted_sizes, 0) - sorted_sizes
-    offsets = torch.zeros_like(sizes).index_copy(0, order_t, sorted_offsets)
-    total = int(sizes.sum())
-    n_atoms, nchan = values.shape[0], values.shape[1]
-    p = order
-
-    # stencil: p chunks along the first mesh axis, p² points each
-    base, w = bspline_weights(x, p)
-    n = counts[batch]  # [N, 3]
-    ks = torch.arange(p, device=device)
-    idx = torch.remainder(base[:, :, None] - ks, n[:, :, None])  # [N, 3, p]
-    plane = idx[:, 1, :, None] * n[:, 2, None, None] + idx[:, 2, None, :]  # [N, p, p]
-    w12 = (w[:, 1, :, None] * w[:, 2, None, :]).reshape(n_atoms, p * p)
-    row = n[:, 1] * n[:, 2]
-    start = offsets[batch]
-    chunks: List[Tuple[torch.Tensor, torch.Tensor]] = []
-    for a in range(p):
-        flat = ((idx[:, 0, a] * row + start)[:, None, None] + plane).reshape(-1)
-        chunks.append((flat, w[:, 0, a, None] * w12))  # [N p²], [N, p²]
-
-    mesh = torch.zeros((total, nchan), dtype=values.dtype, device=device)
-    for flat, wa in chunks:
-        mesh.index_add_(0, flat, torch.bmm(wa[:, :, None], values[:, None, :]).reshape(-1, nchan))
-
-    volume = torch.linalg.det(box).abs()
-    out_parts: List[torch.Tensor] = []
-    begin = 0
-    for members in groups:
-        gs = len(members)
-        c = counts_list[members[0]]
-        n0, n1, n2 = c[0], c[1], c[2]
-        # channels first, so that the FFTs run over contiguous memory
-        block = mesh[begin : begin + gs * n0 * n1 * n2].reshape(gs, n0 * n1 * n2, nchan)
-        block = block.transpose(1, 2).reshape(gs, nchan, n0, n1, n2)
-        begin += gs * n0 * n1 * n2
-        member_t = torch.tensor(members, dtype=torch.int64, device=device)
-        filt = _kspace_filter(box[member_t], n0, n1, n2, widths, amplitudes, p, coulomb)
-        rho = torch.fft.rfftn(block, dim=[2, 3, 4])
-        field = torch.fft.irfftn(rho * filt, s=[n0, n1, n2], dim=[2, 3, 4])
-        field = field * (float(n0 * n1 * n2) / volume[member_t])[:, None, None, None, None]
-        out_parts.append(field.reshape(gs, nchan, n0 * n1 * n2).transpose(1, 2).reshape(-1, nchan))
-    field_mesh = torch.cat(out_parts, dim=0)
-
-    phi = torch.zeros((n_atoms, nchan), dtype=values.dtype, device=device)
-    for flat, wa in chunks:
-        picked = field_mesh.index_select(0, flat).reshape(n_atoms, p * p, nchan)
-        phi = phi + torch.bmm(wa[:, None, :], picked).squeeze(1)
+    groups, counts_list, offsets, total = _mesh_layout(counts)
+    flat, weights = _stencil(x, counts, batch, offsets, order)
+    if torch.jit.is_scripting():
+        mesh = _assign_indexed(flat, weights, values, total, order)
+        field = _filter_mesh(mesh, groups, counts_list, box, widths, amplitudes, order, coulomb)
+        phi = _interpolate_indexed(flat, weights, field, order)
+    else:
+        phi = _convolve_sparse(
+            flat, weights, values, total, groups, counts_list, box, widths, amplitudes, order, coulomb
+        )
     return phi, box
 
 
