@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -228,20 +228,45 @@ class _Stencil:
         self.crow = torch.arange(n_atoms + 1, device=device, dtype=index_dtype) * points
         self.cols = flat.reshape(-1).to(index_dtype)
         self.perm = torch.argsort(self.cols, stable=True)
-        counts = torch.bincount(self.cols.to(torch.int64), minlength=total)
+        counts = torch.bincount(self.cols, minlength=total)
         crow_t = torch.zeros(total + 1, dtype=torch.int64, device=device)
         crow_t[1:] = torch.cumsum(counts, 0)
         self.crow_t = crow_t.to(index_dtype)
         self.cols_t = torch.div(self.perm, points, rounding_mode="floor").to(index_dtype)
+        # the last matrices built, by weights tensor: the forward pass and its gradient
+        # use the same weights twice (once per product)
+        self._cache: Dict[str, Tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+    def _cached(self, kind: str, weights: torch.Tensor) -> Optional[torch.Tensor]:
+        hit = self._cache.get(kind)
+        if hit is not None and hit[0] is weights and hit[1] == weights._version:
+            return hit[2]
+        return None
+
+    def pattern(self, dtype: torch.dtype) -> torch.Tensor:
+        """The interpolation matrix's sparsity pattern (any values) in ``dtype``."""
+        hit = self._cache.get("interpolation")
+        if hit is not None and hit[2].dtype == dtype:
+            return hit[2]
+        values = torch.zeros(self.cols.shape[0], dtype=dtype, device=self.cols.device)
+        return _csr(self.crow, self.cols, values, self.n_atoms, self.total)
 
     def interpolation(self, weights: torch.Tensor) -> torch.Tensor:
         """``[n_atoms, mesh]`` CSR of ``weights`` [n_atoms, p³]."""
-        return _csr(self.crow, self.cols, weights.reshape(-1), self.n_atoms, self.total)
+        matrix = self._cached("interpolation", weights)
+        if matrix is None:
+            matrix = _csr(self.crow, self.cols, weights.reshape(-1), self.n_atoms, self.total)
+            self._cache["interpolation"] = (weights, weights._version, matrix)
+        return matrix
 
     def assignment(self, weights: torch.Tensor) -> torch.Tensor:
         """``[mesh, n_atoms]`` CSR of ``weights`` [n_atoms, p³] (the transpose)."""
-        values = weights.reshape(-1).index_select(0, self.perm)
-        return _csr(self.crow_t, self.cols_t, values, self.total, self.n_atoms)
+        matrix = self._cached("assignment", weights)
+        if matrix is None:
+            values = weights.reshape(-1).index_select(0, self.perm)
+            matrix = _csr(self.crow_t, self.cols_t, values, self.total, self.n_atoms)
+            self._cache["assignment"] = (weights, weights._version, matrix)
+        return matrix
 
 
 class _Assign(torch.autograd.Function):
@@ -303,7 +328,8 @@ class _Pair(torch.autograd.Function):
                 picked = mesh.index_select(0, rows.reshape(-1)).view(rows.shape[0], points, -1)
                 parts.append(torch.bmm(picked, values[i : i + chunk, :, None]).squeeze(2))
             return torch.cat(parts) if parts else values.new_zeros((0, points))
-        pattern = stencil.interpolation(values.new_zeros(stencil.n_atoms * stencil.points))
+        # the values of the pattern are not read (beta = 0)
+        pattern = stencil.pattern(values.dtype)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support", category=UserWarning)
             out = torch.sparse.sampled_addmm(pattern, values, mesh.t(), beta=0.0)
