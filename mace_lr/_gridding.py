@@ -35,9 +35,16 @@ translations are exact. When a cell length is an even multiple of h, an m×m×m 
 has the same mesh points and E(supercell) = m³E(cell) to rounding.
 
 **Batching.** Every graph has its own mesh in one flat buffer. Spreading and
-interpolation are scatter/gather operations over all atoms of the batch (in p chunks, so
-the [n_atoms, p³, C] stencil is never held at once); the FFTs run once per distinct mesh
-shape (the Python loop is over shapes, not graphs).
+interpolation are products with the sparse [mesh, n_atoms] assignment matrix and its
+transpose (CSR, p³ weights per atom) over all atoms of the batch; the FFTs run once per
+distinct mesh shape (the Python loop is over shapes, not graphs), a few channels at a
+time.
+
+**Gradients.** The two products and the weight gradient they share, :math:`P_{is} =
+\sum_c h_{ic} M_{f_{is}c}` (a sampled dense product), are autograd Functions whose
+backward passes are the same three operations, so nothing of size [n_atoms·p³, C] is
+saved and every order of derivative (forces, stress, force training) is exact. Under
+TorchScript the same sums run as index_add/index_select stencils (in p chunks).
 """
 
 from __future__ import annotations
@@ -233,39 +240,39 @@ class _Stencil:
         crow_t[1:] = torch.cumsum(counts, 0)
         self.crow_t = crow_t.to(index_dtype)
         self.cols_t = torch.div(self.perm, points, rounding_mode="floor").to(index_dtype)
-        # the last matrices built, by weights tensor: the forward pass and its gradient
-        # use the same weights twice (once per product)
-        self._cache: Dict[str, Tuple[torch.Tensor, int, torch.Tensor]] = {}
+        #: the weights of the forward pass (``keep``), whose two matrices are built once:
+        #: the forward products and their gradients use them twice each
+        self.kept: Optional[torch.Tensor] = None
+        self._kept: Dict[str, torch.Tensor] = {}
 
-    def _cached(self, kind: str, weights: torch.Tensor) -> Optional[torch.Tensor]:
-        hit = self._cache.get(kind)
-        if hit is not None and hit[0] is weights and hit[1] == weights._version:
-            return hit[2]
-        return None
+    def keep(self, weights: torch.Tensor) -> None:
+        """Build the matrices of ``weights`` (which must not change) once, on first use."""
+        self.kept, self._kept = weights, {}
 
     def pattern(self, dtype: torch.dtype) -> torch.Tensor:
         """The interpolation matrix's sparsity pattern (any values) in ``dtype``."""
-        hit = self._cache.get("interpolation")
-        if hit is not None and hit[2].dtype == dtype:
-            return hit[2]
+        if self.kept is not None and self.kept.dtype == dtype:
+            return self.interpolation(self.kept)
         values = torch.zeros(self.cols.shape[0], dtype=dtype, device=self.cols.device)
         return _csr(self.crow, self.cols, values, self.n_atoms, self.total)
 
     def interpolation(self, weights: torch.Tensor) -> torch.Tensor:
         """``[n_atoms, mesh]`` CSR of ``weights`` [n_atoms, p³]."""
-        matrix = self._cached("interpolation", weights)
-        if matrix is None:
-            matrix = _csr(self.crow, self.cols, weights.reshape(-1), self.n_atoms, self.total)
-            self._cache["interpolation"] = (weights, weights._version, matrix)
+        if weights is self.kept and "interpolation" in self._kept:
+            return self._kept["interpolation"]
+        matrix = _csr(self.crow, self.cols, weights.reshape(-1), self.n_atoms, self.total)
+        if weights is self.kept:
+            self._kept["interpolation"] = matrix
         return matrix
 
     def assignment(self, weights: torch.Tensor) -> torch.Tensor:
         """``[mesh, n_atoms]`` CSR of ``weights`` [n_atoms, p³] (the transpose)."""
-        matrix = self._cached("assignment", weights)
-        if matrix is None:
-            values = weights.reshape(-1).index_select(0, self.perm)
-            matrix = _csr(self.crow_t, self.cols_t, values, self.total, self.n_atoms)
-            self._cache["assignment"] = (weights, weights._version, matrix)
+        if weights is self.kept and "assignment" in self._kept:
+            return self._kept["assignment"]
+        values = weights.reshape(-1).index_select(0, self.perm)
+        matrix = _csr(self.crow_t, self.cols_t, values, self.total, self.n_atoms)
+        if weights is self.kept:
+            self._kept["assignment"] = matrix
         return matrix
 
 
@@ -476,6 +483,7 @@ def _convolve_sparse(
     inverse[atom_order] = torch.arange(atom_order.shape[0], device=atom_order.device)
     stencil = _Stencil(flat.index_select(0, atom_order), total, min(min(c) for c in counts_list) < order)
     weights = weights.index_select(0, atom_order)
+    stencil.keep(weights)
     mesh = _Assign.apply(weights, values.index_select(0, atom_order), stencil)
     field = _filter_mesh(mesh, groups, counts_list, box, widths, amplitudes, order, coulomb)
     return _Interpolate.apply(weights, field, stencil).index_select(0, inverse)
