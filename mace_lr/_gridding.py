@@ -230,7 +230,7 @@ class _Stencil:
         self.repeats = repeats
         self.flat = flat
         device = flat.device
-        index_dtype = torch.int32 if max(total, n_atoms * points) < 2**31 - 1 else torch.int64
+        index_dtype = flat.dtype
         self.n_atoms, self.points, self.total = n_atoms, points, total
         self.crow = torch.arange(n_atoms + 1, device=device, dtype=index_dtype) * points
         self.cols = flat.reshape(-1).to(index_dtype)
@@ -368,18 +368,24 @@ def _mesh_layout(counts: torch.Tensor) -> Tuple[List[List[int]], List[List[int]]
 
 
 def _stencil(
-    x: torch.Tensor, counts: torch.Tensor, batch: torch.Tensor, offsets: torch.Tensor, order: int
+    x: torch.Tensor,
+    counts: torch.Tensor,
+    batch: torch.Tensor,
+    offsets: torch.Tensor,
+    order: int,
+    index_dtype: torch.dtype = torch.int64,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Mesh rows ``flat`` [n_atoms, p³] (int64) and weights ``W`` [n_atoms, p³] of every
-    atom's stencil, point (a, b, c) at ``a·p² + b·p + c``.
+    """Mesh rows ``flat`` [n_atoms, p³] (``index_dtype``) and weights ``W`` [n_atoms, p³]
+    of every atom's stencil, point (a, b, c) at ``a·p² + b·p + c``.
     """
     n_atoms = x.shape[0]
     p = order
     base, w = bspline_weights(x, p)
-    n = counts[batch]  # [N, 3]
-    ks = torch.arange(p, device=x.device)
-    idx = torch.remainder(base[:, :, None] - ks, n[:, :, None])  # [N, 3, p]
-    row = (idx[:, 0] * (n[:, 1] * n[:, 2])[:, None] + offsets[batch][:, None])[:, :, None, None]
+    n = counts[batch].to(index_dtype)  # [N, 3]
+    ks = torch.arange(p, device=x.device, dtype=index_dtype)
+    idx = torch.remainder(base.to(index_dtype)[:, :, None] - ks, n[:, :, None])  # [N, 3, p]
+    start = offsets.to(index_dtype)[batch][:, None]
+    row = (idx[:, 0] * (n[:, 1] * n[:, 2])[:, None] + start)[:, :, None, None]
     plane = (idx[:, 1, :, None] * n[:, 2, None, None] + idx[:, 2, None, :])[:, None]  # [N, 1, p, p]
     flat = (row + plane).reshape(n_atoms, p * p * p)
     weights = (w[:, 0, :, None, None] * w[:, 1, None, :, None] * w[:, 2, None, None, :]).reshape(
@@ -452,17 +458,20 @@ def _filter_mesh(
         for part, f_part in zip(parts, filters):
             rho = torch.fft.rfftn(part, dim=[2, 3, 4])
             field = torch.fft.irfftn(rho * f_part, s=[n0, n1, n2], dim=[2, 3, 4]) * scale
-            fields.append(field.reshape(gs, part.shape[1], points))
-        field = fields[0] if len(fields) == 1 else torch.cat(fields, dim=1)
-        out_parts.append(field.transpose(1, 2).reshape(-1, nchan))
+            fields.append(field.reshape(gs, part.shape[1], points).transpose(1, 2))
+        # back to channels last: one copy (the concatenation, or the reshape of one chunk)
+        field = fields[0] if len(fields) == 1 else torch.cat(fields, dim=2)
+        out_parts.append(field.reshape(-1, nchan))
     return out_parts[0] if len(out_parts) == 1 else torch.cat(out_parts, dim=0)
 
 
 @torch.jit.unused
 def _convolve_sparse(
-    flat: torch.Tensor,
-    weights: torch.Tensor,
+    x: torch.Tensor,
     values: torch.Tensor,
+    counts: torch.Tensor,
+    batch: torch.Tensor,
+    offsets: torch.Tensor,
     total: int,
     groups: List[List[int]],
     counts_list: List[List[int]],
@@ -476,13 +485,19 @@ def _convolve_sparse(
     :class:`_Interpolate`), whose gradients recompute the stencil products instead of
     saving [n_atoms·p³, C] of them.
     """
-    # atoms in mesh order (by their stencil's first point), so that neighbouring rows of
-    # both products touch neighbouring mesh rows (cache reuse on large meshes)
-    atom_order = torch.argsort(flat[:, 0])
+    # atoms in mesh order (by the mesh cell they are in), so that neighbouring rows of both
+    # products touch neighbouring mesh rows (cache reuse on large meshes)
+    n = counts[batch]
+    cell = torch.remainder(torch.floor(x.detach()).to(torch.int64), n)
+    key = (cell[:, 0] * n[:, 1] + cell[:, 1]) * n[:, 2] + cell[:, 2] + offsets[batch]
+    atom_order = torch.argsort(key)
     inverse = torch.empty_like(atom_order)
     inverse[atom_order] = torch.arange(atom_order.shape[0], device=atom_order.device)
-    stencil = _Stencil(flat.index_select(0, atom_order), total, min(min(c) for c in counts_list) < order)
-    weights = weights.index_select(0, atom_order)
+    index_dtype = torch.int32 if total * 2 < 2**31 and x.shape[0] * order**3 < 2**31 else torch.int64
+    flat, weights = _stencil(
+        x.index_select(0, atom_order), counts, batch.index_select(0, atom_order), offsets, order, index_dtype
+    )
+    stencil = _Stencil(flat, total, min(min(c) for c in counts_list) < order)
     stencil.keep(weights)
     mesh = _Assign.apply(weights, values.index_select(0, atom_order), stencil)
     field = _filter_mesh(mesh, groups, counts_list, box, widths, amplitudes, order, coulomb)
@@ -525,14 +540,26 @@ def mesh_convolution(
     """
     box, counts, x = mesh_geometry(positions, cell, pbc, batch, ptr, spacing, padding)
     groups, counts_list, offsets, total = _mesh_layout(counts)
-    flat, weights = _stencil(x, counts, batch, offsets, order)
     if torch.jit.is_scripting():
+        flat, weights = _stencil(x, counts, batch, offsets, order)
         mesh = _assign_indexed(flat, weights, values, total, order)
         field = _filter_mesh(mesh, groups, counts_list, box, widths, amplitudes, order, coulomb)
         phi = _interpolate_indexed(flat, weights, field, order)
     else:
         phi = _convolve_sparse(
-            flat, weights, values, total, groups, counts_list, box, widths, amplitudes, order, coulomb
+            x,
+            values,
+            counts,
+            batch,
+            offsets,
+            total,
+            groups,
+            counts_list,
+            box,
+            widths,
+            amplitudes,
+            order,
+            coulomb,
         )
     return phi, box
 
