@@ -11,12 +11,16 @@ peak RSS is that configuration's own; the ratios are measured side by side in on
     python benchmarks/bench_nonlocal.py --sizes 512 4096 --repeats 3 --full
     python benchmarks/bench_nonlocal.py --config mesh='{"spacing": 1.0}'
 
-Measured (2026-12-02, float64, BENCH_THREADS=1, 3 repeats, load average 11-17 on 2 cores,
-so compare the CPU-time ratios): CPU time of energy+forces relative to LES at N = 512 /
-4096 / 13824 / 32768 — mesh 1.08 / 1.41 / 1.30 / 1.71, attention 0.84 / 6.22 / 6.08 / 6.38
-(direct sum at 512, mesh path above ~3000 atoms); CPU/(N ln N) flat from 4096 on for all
-three (N log N). Attention's mesh path spreads H·D·C = 32 channels (LES: one charge), and
-its stencil (N·p³·32 scatter/gather) is ~3/4 of its time.
+Measured (2026-12-08, float64, BENCH_THREADS=1, 3 repeats, load average ~2.4 on 2 cores,
+so compare the CPU-time ratios): CPU time of energy+forces relative to LES at N = 4096 /
+13824 / 32768 — mesh 1.56 / 1.16 / 1.54, attention 2.22 / 2.33 / 2.80 (mesh path; the
+direct sum below ~1000 atoms); extra peak RSS at 32768: LES 744 MB, mesh 545 MB,
+attention 900 MB. The same run of the previous mesh_convolution (index_add/index_select
+stencil, autograd saving the [N·p³, C] products): mesh 1.83 / 1.73 / 2.78, attention
+10.35 / 9.71 / 10.30 and 4168 MB. Attention's mesh path spreads H·D·C = 32 channels
+(LES: one charge); at 32768 about half of its time is the sparse products (assignment,
+interpolation, the sampled products of the weight gradient, the one sort that builds the
+assignment matrix) and a quarter the FFTs.
 """
 
 from __future__ import annotations

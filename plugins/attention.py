@@ -16,7 +16,7 @@ architectures"). The kernel is evaluated in k-space, where it factorises:
 so the cost is O(N·K) (K reciprocal vectors) instead of O(N²). K grows with the volume, so
 for a bulk box K ∝ N and the direct sum is O(N²) again; large graphs therefore take a
 **mesh path** (``method="auto"``, per graph, by a cost model fitted to CPU timings; the
-crossover is near 3000 atoms at the defaults): the products k_jh v_jhc are spread to a
+crossover is near 1000 atoms at the defaults): the products k_jh v_jhc are spread to a
 B-spline mesh, convolved with the per-head Gaussian by FFT and interpolated back
 (:func:`mace_lr.nn.mesh_convolution`, shared with the ``mesh`` block), O(N p³ + M log M).
 Its spacing is h = σ (accuracy/C_p)^{1/p} for the narrowest current σ_h (order p =
@@ -59,12 +59,12 @@ from mace_lr import LongRangeBlock
 from mace_lr.nn import graph_sum, mesh_convolution, mesh_spacing_for, scalar_feature_indices
 
 # cost model of one graph, in units of one (atom, reciprocal vector) term of the direct sum
-# (fitted to single-thread CPU timings of energy+forces, NaCl boxes, float64, 64 to 1728
+# (fitted to single-thread CPU timings of energy+forces, NaCl boxes, float64, 64 to 2744
 # atoms): direct n·K; mesh _MESH_OVERHEAD + n·p³·_STENCIL_COST + M log2(M)·_FFT_COST
-# (M mesh points). The crossover is near 3000 atoms for the defaults.
-_STENCIL_COST = 4.0
+# (M mesh points). The crossover is near 1000 atoms for the defaults.
+_STENCIL_COST = 0.8
 _FFT_COST = 1.5
-_MESH_OVERHEAD = 3.0e4
+_MESH_OVERHEAD = 4.0e4
 
 
 def _half_lattice(nmax: List[int]) -> torch.Tensor:
