@@ -43,8 +43,10 @@ time.
 **Gradients.** The two products and the weight gradient they share, :math:`P_{is} =
 \sum_c h_{ic} M_{f_{is}c}` (a sampled dense product), are autograd Functions whose
 backward passes are the same three operations, so nothing of size [n_atoms·p³, C] is
-saved and every order of derivative (forces, stress, force training) is exact. Under
-TorchScript the same sums run as index_add/index_select stencils (in p chunks).
+saved and every order of derivative (forces, stress, force training) is exact. The
+weight gradients of a convolution's assignment and interpolation are paired into one
+sampled product of 2C channels. Under TorchScript the same sums run as
+index_add/index_select stencils (in p chunks).
 """
 
 from __future__ import annotations
@@ -316,6 +318,70 @@ class _Interpolate(torch.autograd.Function):
         return grad_w, grad_m, None
 
 
+class _AssignPaired(torch.autograd.Function):
+    r""":class:`_Assign` of a convolution whose result is interpolated by
+    :class:`_InterpolatePaired` with the same weights: the weight gradients of both,
+    :math:`P(M_\phi, \bar\phi) + P(\bar M, h)`, are one :class:`_Pair` of 2C channels
+    (its cost is mostly per stencil point, not per channel).
+
+    Returns the mesh values and two zero slots ([mesh, C] and [n_atoms, C]) that
+    :class:`_InterpolatePaired` takes; its backward returns, as their gradients, the field
+    it interpolated and the gradient of its result, which this backward pairs with its own.
+    """
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, values: torch.Tensor, stencil: _Stencil):  # type: ignore[override]
+        ctx.stencil = stencil
+        ctx.save_for_backward(weights, values)
+        mesh = stencil.assignment(weights) @ values
+        zero = values.new_zeros((1, 1))
+        return (
+            mesh,
+            zero.expand(stencil.total, values.shape[1]),
+            zero.expand(stencil.n_atoms, values.shape[1]),
+        )
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, field: torch.Tensor, grad_phi: torch.Tensor):  # type: ignore[override]
+        weights, values = ctx.saved_tensors
+        grad_w = grad_v = None
+        if ctx.needs_input_grad[0]:
+            grad_w = _Pair.apply(
+                torch.cat([field, grad], dim=1), torch.cat([grad_phi, values], dim=1), ctx.stencil
+            )
+        if ctx.needs_input_grad[1]:
+            grad_v = _Interpolate.apply(weights, grad, ctx.stencil)
+        return grad_w, grad_v, None
+
+
+class _InterpolatePaired(torch.autograd.Function):
+    """:class:`_Interpolate` whose weight gradient :class:`_AssignPaired` computes."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        weights: torch.Tensor,
+        mesh: torch.Tensor,
+        field_slot: torch.Tensor,
+        grad_slot: torch.Tensor,
+        stencil: _Stencil,
+    ) -> torch.Tensor:
+        ctx.stencil = stencil
+        ctx.save_for_backward(weights, mesh)
+        return stencil.interpolation(weights) @ mesh
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        weights, mesh = ctx.saved_tensors
+        grad_m = None
+        if ctx.needs_input_grad[1]:
+            grad_m = _Assign.apply(weights, grad, ctx.stencil)
+        # the weight gradient P(mesh, grad) is paired with the assignment's
+        field = mesh if ctx.needs_input_grad[2] else None
+        grad_phi = grad if ctx.needs_input_grad[3] else None
+        return None, grad_m, field, grad_phi, None
+
+
 class _Pair(torch.autograd.Function):
     r"""Stencil products :math:`P_{is} = \sum_c h_{ic} M_{f_{is}c}` ([n_atoms, p³]): the
     weight gradient of both :class:`_Assign` and :class:`_Interpolate`.
@@ -499,9 +565,10 @@ def _convolve_sparse(
     )
     stencil = _Stencil(flat, total, min(min(c) for c in counts_list) < order)
     stencil.keep(weights)
-    mesh = _Assign.apply(weights, values.index_select(0, atom_order), stencil)
+    mesh, field_slot, grad_slot = _AssignPaired.apply(weights, values.index_select(0, atom_order), stencil)
     field = _filter_mesh(mesh, groups, counts_list, box, widths, amplitudes, order, coulomb)
-    return _Interpolate.apply(weights, field, stencil).index_select(0, inverse)
+    phi = _InterpolatePaired.apply(weights, field, field_slot, grad_slot, stencil)
+    return phi.index_select(0, inverse)
 
 
 def mesh_convolution(

@@ -232,10 +232,11 @@ def test_mesh_convolution_scripted_index_path_agrees():
 
 
 def test_stencil_functions_gradcheck():
-    """The assignment, interpolation and stencil-product Functions: first and second
-    derivatives against finite differences (gradcheck / gradgradcheck).
+    """The assignment, interpolation and stencil-product Functions, and the paired
+    assignment/interpolation of one convolution: first and second derivatives against
+    finite differences (gradcheck / gradgradcheck).
     """
-    from mace_lr._gridding import _Assign, _Interpolate, _Pair, _Stencil
+    from mace_lr._gridding import _Assign, _AssignPaired, _Interpolate, _InterpolatePaired, _Pair, _Stencil
 
     g = torch.Generator().manual_seed(5)
     n_atoms, points, total, nchan = 5, 8, 11, 2
@@ -250,10 +251,18 @@ def test_stencil_functions_gradcheck():
             return torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
 
         w, h, m = rnd(n_atoms, points), rnd(n_atoms, nchan), rnd(total, nchan)
+        mixing = torch.randn(total, total, generator=g, dtype=torch.float64)
+
+        def paired(w, h):
+            # assignment, a linear mesh operation, interpolation with the same weights
+            mesh, field_slot, grad_slot = _AssignPaired.apply(w, h, stencil)
+            return _InterpolatePaired.apply(w, torch.tanh(mixing @ mesh), field_slot, grad_slot, stencil)
+
         cases = [
             (lambda w, h: _Assign.apply(w, h, stencil), (w, h)),
             (lambda w, m: _Interpolate.apply(w, m, stencil), (w, m)),
             (lambda m, h: _Pair.apply(m, h, stencil), (m, h)),
+            (paired, (w, h)),
         ]
         for fn, args in cases:
             assert torch.autograd.gradcheck(fn, args)
