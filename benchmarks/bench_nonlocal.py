@@ -11,15 +11,15 @@ peak RSS is that configuration's own; the ratios are measured side by side in on
     python benchmarks/bench_nonlocal.py --sizes 512 4096 --repeats 3 --full
     python benchmarks/bench_nonlocal.py --config mesh='{"spacing": 1.0}'
 
-Measured (2026-12-08, float64, BENCH_THREADS=1, 3 repeats, load average ~2.4 on 2 cores,
+Measured (2026-12-08, float64, BENCH_THREADS=1, 3 repeats, load average ~1.8 on 2 cores,
 so compare the CPU-time ratios): CPU time of energy+forces relative to LES at N = 4096 /
-13824 / 32768 — mesh 1.56 / 1.16 / 1.54, attention 2.22 / 2.33 / 2.80 (mesh path; the
-direct sum below ~1000 atoms); extra peak RSS at 32768: LES 744 MB, mesh 545 MB,
-attention 900 MB. The same run of the previous mesh_convolution (index_add/index_select
-stencil, autograd saving the [N·p³, C] products): mesh 1.83 / 1.73 / 2.78, attention
-10.35 / 9.71 / 10.30 and 4168 MB. Attention's mesh path spreads H·D·C = 32 channels
+13824 / 32768 — mesh 1.31 / 1.13 / 1.83, attention 2.19 / 2.16 / 2.46 (mesh path; the
+direct sum below ~1000 atoms); extra peak RSS at 32768: LES 753 MB, mesh 474 MB,
+attention 923 MB. The same window, previous mesh_convolution (index_add/index_select
+stencil, autograd saving the [N·p³, C] products): mesh 1.55 / 2.04 / 3.03, attention
+9.72 / 9.42 / 10.99 and 4191 MB. Attention's mesh path spreads H·D·C = 32 channels
 (LES: one charge); at 32768 about half of its time is the sparse products (assignment,
-interpolation, the sampled products of the weight gradient, the one sort that builds the
+interpolation, the sampled product of the weight gradient, the one sort that builds the
 assignment matrix) and a quarter the FFTs.
 """
 
