@@ -37,8 +37,15 @@ def _system(kind, n, seed=0):
     "kind, n, method",
     [("open", 40, "auto"), ("bulk", 60, "ewald"), ("bulk", 300, "p3m"), ("slab", 250, "p3m")],
 )
-def test_channels_equal_single_channel_calls(device, kind, n, method):
+@pytest.mark.parametrize("fft_chunk", [False, True])
+def test_channels_equal_single_channel_calls(device, monkeypatch, kind, n, method, fft_chunk):
     channels = 5
+    if fft_chunk:  # P3M: one FFT per channel instead of one over all five
+        if method != "p3m":
+            pytest.skip("only P3M has mesh FFTs")
+        from mace_lr.electrostatics import _mesh
+
+        monkeypatch.setattr(_mesh, "MAX_FFT_ELEMENTS", 1)
     pos_np, cell_np, flags = _system(kind, n)
     t = lambda x: torch.tensor(x, dtype=torch.float64, device=device)  # noqa: E731
     cell = t(cell_np)[None]
@@ -85,7 +92,7 @@ def test_assign_to_mesh_conserves_charge_per_channel(device, monkeypatch):
     flat = torch.tensor(rng.integers(0, 6 * 5 * 4, size=(nodes, n)), device=device)
     q = torch.tensor(rng.normal(size=(n, 3)), dtype=torch.float64, device=device)
     whole = assign_to_mesh(q, weights, flat, sizes)
-    assert whole.shape == (3, 6, 5, 4)
-    torch.testing.assert_close(whole.sum((1, 2, 3)), q.sum(0), rtol=0, atol=1e-12)
+    assert whole.shape == (6 * 5 * 4, 3)
+    torch.testing.assert_close(whole.sum(0), q.sum(0), rtol=0, atol=1e-12)
     monkeypatch.setattr(_mesh, "MAX_ASSIGN_ELEMENTS", 2 * n * 3)  # chunks of 2 nodes
     torch.testing.assert_close(assign_to_mesh(q, weights, flat, sizes), whole, rtol=0, atol=1e-13)
