@@ -102,6 +102,44 @@ def _node_chunk(n_nodes: int, n_atoms: int, n_channels: int) -> int:
     return max(1, min(n_nodes, MAX_ASSIGN_ELEMENTS // max(1, n_atoms * n_channels)))
 
 
+class _SymmetricFilter(torch.autograd.Function):
+    """m ↦ F⁻¹[K·F[m]] for a real influence function with K(−k) = K(k).
+
+    That map is a real symmetric operator on the mesh, so its backward is the same map
+    applied to the incoming gradient: two real FFTs instead of autograd's complex-to-complex
+    backward of ``rfftn``. Used when K carries no gradient; the backward calls this
+    function again, so higher derivatives (force training) work.
+    """
+
+    @staticmethod
+    def forward(ctx, mesh, kfilter, fft_norm: str, ifft_norm: str):
+        ctx.save_for_backward(kfilter)
+        ctx.norms = (fft_norm, ifft_norm)
+        return _filter_mesh(mesh, kfilter, fft_norm, ifft_norm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (kfilter,) = ctx.saved_tensors
+        return _SymmetricFilter.apply(grad, kfilter, *ctx.norms), None, None, None
+
+
+def _filter_mesh(mesh: torch.Tensor, kfilter: torch.Tensor, fft_norm: str, ifft_norm: str) -> torch.Tensor:
+    dims = (1, 2, 3)
+    hat = torch.fft.rfftn(mesh, norm=fft_norm, dim=dims)
+    return torch.fft.irfftn(hat * kfilter, norm=ifft_norm, dim=dims, s=mesh.shape[-3:])
+
+
+def apply_filter(kspace_filter, mesh: torch.Tensor) -> torch.Tensor:
+    """torch-pme's ``KSpaceFilter.forward`` on a [C, nx, ny, nz] mesh, with the symmetric
+    backward of :class:`_SymmetricFilter` when the influence function is constant.
+    """
+    kfilter = getattr(kspace_filter, "_kfilter", None)
+    norms = (getattr(kspace_filter, "_fft_norm", None), getattr(kspace_filter, "_ifft_norm", None))
+    if kfilter is None or kfilter.requires_grad or None in norms or torch.is_complex(kfilter):
+        return kspace_filter.forward(mesh)
+    return _SymmetricFilter.apply(mesh, kfilter, norms[0], norms[1])
+
+
 def mesh_potential(
     kspace_filter, charges: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor, sizes
 ) -> torch.Tensor:
@@ -119,7 +157,7 @@ def mesh_potential(
     for q in torch.split(charges, step, dim=1):
         c = q.shape[1]
         rho = assign_to_mesh(q, weights, flat, sizes)  # [n_mesh, c]
-        field = kspace_filter.forward(rho.T.reshape((c,) + shape)).reshape(c, n_mesh)
+        field = apply_filter(kspace_filter, rho.T.reshape((c,) + shape)).reshape(c, n_mesh)
         parts.append(interpolate_from_mesh(field.T, weights, flat))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
