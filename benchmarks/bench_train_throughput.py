@@ -10,10 +10,20 @@ dimers, 3-34 atoms, open boundaries), same MACE-OFF23-small-sized foundation bac
 * the same with the engine call replaced by the per-graph loop of the previous version
   (one ``coulomb_potential`` per structure), i.e. before the loop removal.
 
-Throughput is batch size / median optimiser-step time, read from mace's own per-step
-timing (the ``opt`` lines of ``results/*_train.txt``), first step excluded.
+Step times are mace's own per-step timing (the ``opt`` lines of ``results/*_train.txt``).
+The runs do not see the same batches: ``mace_lr_run_train`` reseeds the shuffling at every
+epoch (a restart then continues the same run, ``mace_lr.cli._mace_fixes``), mace seeds it
+once, and a step's time follows its batch's size (3-34-atom structures: batches of 32 hold
+300-520 atoms). Each epoch holds every training structure once in both runs (mace drops
+the last incomplete batch: keep ``--n_train`` a multiple of 32), so the
+statistic is the mean step time over whole epochs, the first (warm-up) epoch excluded;
+throughput is batch size / that mean. The median single-step time, the previous statistic,
+is printed too: it compares different batches and is biased by their sizes. Each step's
+process CPU time is logged too (a wrapper around mace's ``take_step``): with one thread it
+depends much less than wall time on other processes sharing the machine. ``--repeats``
+runs the three trainings that many times, in turn, and reports medians over the repeats.
 
-    python benchmarks/bench_train_throughput.py [--n_train 96] [--epochs 3] [--threads 2]
+    python benchmarks/bench_train_throughput.py [--n_train 96] [--epochs 3] [--threads 2] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from typing import Dict, List
 
 PER_GRAPH = """
 import torch
@@ -41,8 +52,31 @@ es.coulomb_potential_batch = per_graph
 """
 
 
-def _run(kind: str, workdir: str, args) -> float:
-    name = kind.replace("+", "_")
+#: wraps mace's ``take_step`` (looked up as a module global by its epoch loop) to log the
+#: process CPU time of every optimiser step; the step itself is mace's, unchanged
+CPU_TIMING = """
+import json, sys, time
+import mace.tools
+_train = sys.modules["mace.tools.train"]
+_take_step = _train.take_step
+_cpu_log = open({path!r}, "w")
+
+def _timed_take_step(*a, **k):
+    start = time.process_time()
+    result = _take_step(*a, **k)
+    _cpu_log.write(json.dumps({{"cpu": time.process_time() - start}}) + "\\n")
+    _cpu_log.flush()
+    return result
+
+_train.take_step = _timed_take_step
+"""
+
+
+def _run(kind: str, workdir: str, args, repeat: int = 0) -> Dict[str, float]:
+    """Step times of one training, s: ``wall`` and ``cpu`` (means over the steps of epochs
+    >= 1) and ``median`` (median wall time of steps >= 2, the previous statistic).
+    """
+    name = f"{kind.replace('+', '_')}_{repeat}"
     out = os.path.join(workdir, name)
     flags = [
         "--name", name,
@@ -59,27 +93,41 @@ def _run(kind: str, workdir: str, args) -> float:
         "--log_dir", os.path.join(out, "logs"), "--results_dir", os.path.join(out, "results"),
         "--lr", "0.001", "--pin_memory", "False", "--num_workers", "0",
     ]  # fmt: skip
+    cpu_path = os.path.join(workdir, f"{name}_cpu.jsonl")
+    timing = CPU_TIMING.format(path=cpu_path)
     if kind == "mace":
-        cmd = [sys.executable, "-m", "mace.cli.run_train", *flags]
+        code = (
+            timing
+            + f"\nsys.argv = ['mace_run_train', *{flags!r}]\nfrom mace.cli.run_train import main\nmain()\n"
+        )
     else:
         flags += ["--lr_blocks", "les"]
         prefix = PER_GRAPH if kind == "les-per-graph" else ""
-        code = prefix + f"\nfrom mace_lr.cli.run_train import main\nmain({flags!r})\n"
-        cmd = [sys.executable, "-c", code]
+        code = timing + prefix + f"\nfrom mace_lr.cli.run_train import main\nmain({flags!r})\n"
+    cmd = [sys.executable, "-c", code]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if res.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{res.stderr[-4000:]}")
-    times = []
+    epochs: List[int] = []
+    times: List[float] = []
     for path in glob.glob(os.path.join(out, "results", "*_train.txt")):
         with open(path) as fh:
             for line in fh:
                 row = json.loads(line)
                 if row.get("mode") == "opt" and "time" in row:
                     times.append(float(row["time"]))
-    if len(times) < 2:
-        raise SystemExit(f"{kind}: no per-step timings found in {out}/results")
-    return statistics.median(times[1:])
+                    epochs.append(int(row.get("epoch", 0)))
+    with open(cpu_path) as fh:
+        cpu = [float(json.loads(line)["cpu"]) for line in fh]
+    later = [k for k, epoch in enumerate(epochs) if epoch >= 1]
+    if len(times) < 2 or not later or len(cpu) != len(times):
+        raise SystemExit(f"{kind}: no per-step timings of epochs >= 1 found in {out}/results (--epochs >= 2)")
+    return {
+        "wall": statistics.fmean(times[k] for k in later),
+        "cpu": statistics.fmean(cpu[k] for k in later),
+        "median": statistics.median(times[1:]),
+    }
 
 
 def main() -> None:
@@ -91,7 +139,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--arch", default="off23-small")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="run the three trainings this many times, in turn"
+    )
     args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error("--epochs must be >= 2 (the first epoch is the warm-up)")
+    if args.n_train % 32:
+        parser.error("--n_train must be a multiple of the batch size 32 (whole epochs of equal work)")
 
     import ase.io
     import torch
@@ -108,24 +163,50 @@ def main() -> None:
         format="extxyz",
     )
     torch.save(T.make_foundation_like_model(args.arch), os.path.join(workdir, "found.model"))
-    rows = []
-    for kind in ("mace", "les", "les-per-graph"):
-        step = _run(kind, workdir, args)
-        rows.append((kind, step))
-        print(f"  {kind}: {step:.3f} s/step", file=sys.stderr, flush=True)
-    base = rows[0][1]
+    kinds = ("mace", "les", "les-per-graph")
+    results: Dict[str, List[Dict[str, float]]] = {kind: [] for kind in kinds}
+    for repeat in range(args.repeats):
+        for kind in kinds:
+            row = _run(kind, workdir, args, repeat)
+            results[kind].append(row)
+            print(
+                f"  {kind} (repeat {repeat}): {row['cpu']:.3f} s/step CPU, {row['wall']:.3f} s/step "
+                f"wall over epochs >= 1; median step {row['median']:.3f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+    stat = {
+        kind: {key: statistics.median(r[key] for r in results[kind]) for key in results[kind][0]}
+        for kind in kinds
+    }
     print(
         f"\nTraining throughput, {args.arch} backbone, batch 32, {args.n_train} train structures, "
-        f"{args.epochs} epochs, float64, {args.threads} threads"
+        f"{args.epochs} epochs, float64, {args.threads} threads, {args.repeats} repeat(s)"
     )
-    print(f"{'run':36s} {'s/step':>8s} {'structures/s':>13s} {'vs mace':>8s}")
+    print(
+        f"{'run':38s} {'CPU s/step':>10s} {'vs mace':>8s} {'wall s/step':>11s} {'structures/s':>13s} "
+        f"{'vs mace':>8s} {'median step':>11s} {'vs mace':>8s}"
+    )
     names = {
         "mace": "mace_run_train (plain)",
         "les": "mace_lr_run_train LES, batched",
         "les-per-graph": "mace_lr_run_train LES, per-graph loop",
     }
-    for kind, step in rows:
-        print(f"{names[kind]:36s} {step:8.3f} {32 / step:13.2f} {100 * (step / base - 1):+7.1f}%")
+
+    def rel(kind: str, key: str) -> str:
+        return f"{100 * (stat[kind][key] / stat['mace'][key] - 1):+7.1f}%"
+
+    for kind in kinds:
+        print(
+            f"{names[kind]:38s} {stat[kind]['cpu']:10.3f} {rel(kind, 'cpu')} {stat[kind]['wall']:11.3f} "
+            f"{32 / stat[kind]['wall']:13.2f} {rel(kind, 'wall')} {stat[kind]['median']:11.3f} "
+            f"{rel(kind, 'median')}"
+        )
+    print(
+        "CPU/wall s/step: means over the steps of epochs >= 1 (the same structures in every run); "
+        "CPU: process time of mace's take_step, less sensitive to other load than wall time; "
+        "median step: median wall time of single steps (different batches in the two runs)"
+    )
 
 
 if __name__ == "__main__":

@@ -119,12 +119,13 @@ def _open_batch(
     """Potential (k_e = 1) of the open graphs ``graphs``; returns (atom index, potential)."""
     device = positions.device
     counts = [bounds[g + 1] - bounds[g] for g in graphs]
-    atoms = torch.cat(
-        [torch.arange(bounds[g], bounds[g + 1], device=device) for g in graphs]
-    )  # graph after graph
     if all(graphs[k + 1] == graphs[k] + 1 for k in range(len(graphs) - 1)):
-        atoms = torch.arange(bounds[graphs[0]], bounds[graphs[-1] + 1], device=device)
-    pos, q = positions[atoms], charges[atoms]
+        first, last = bounds[graphs[0]], bounds[graphs[-1] + 1]
+        atoms = torch.arange(first, last, device=device)
+        pos, q = positions[first:last], charges[first:last]  # views: no gather in the graph
+    else:  # graph after graph
+        atoms = torch.cat([torch.arange(bounds[g], bounds[g + 1], device=device) for g in graphs])
+        pos, q = positions[atoms], charges[atoms]
     parts = []
     offsets = np.concatenate([[0], np.cumsum(counts)]).tolist()
     for g0, g1, n_max in _open_chunks(counts, max_elements):
@@ -262,7 +263,7 @@ def coulomb_potential_batched(
     open_graphs: List[int] = []
     bulk: Dict[tuple, List[int]] = {}
     pieces: List[Tuple[torch.Tensor, torch.Tensor]] = []
-    cell_np = cell.detach().cpu().double().numpy()
+    cell_np: Optional[np.ndarray] = None  # read only when a graph is periodic
     for g, flag in enumerate(flags):
         a, b = bounds[g], bounds[g + 1]
         n = b - a
@@ -273,6 +274,8 @@ def coulomb_potential_batched(
             open_graphs.append(g)
         elif flag_t == (True, True, True):
             validate_inputs(positions[a:b], q[a:b], cell[g], flag_t)
+            if cell_np is None:
+                cell_np = cell.detach().cpu().double().numpy()
             key = (tuple(np.round(cell_np[g].reshape(-1) / 0.05).astype(int)), n)
             bulk.setdefault(key, []).append(g)
         else:
