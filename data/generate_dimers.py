@@ -218,9 +218,20 @@ def label_dimer(mono, a, b, r, rng, rattle, config_type):
         REF_charge_A=float(q_a), REF_charge_B=float(q_b),
     )  # fmt: skip
     at.arrays["fragment"] = frag
+    at.arrays["formal_charges"] = formal_charges(frag, (qa, qb))
     at.arrays["REF_forces"] = np.asarray(f, float)
     at.arrays["REF_charges"] = np.asarray(q, float)
     return (at, dev), "ok"
+
+
+def formal_charges(fragment, charges) -> np.ndarray:
+    """Per-atom formal charges: each fragment's formal charge on its first atom, zeros elsewhere
+    (LES ``charge_groups="fragments"`` uses only their sum over each bonded fragment)."""
+    fragment = np.asarray(fragment)
+    out = np.zeros(len(fragment))
+    for f, q in enumerate(charges):
+        out[np.flatnonzero(fragment == f)[0]] = q
+    return out
 
 
 def label_monomer(mono, name, rng, rattle):
@@ -238,6 +249,7 @@ def label_monomer(mono, name, rng, rattle):
         REF_charge_A=float(ch.sum()), REF_charge_B=0.0,
     )  # fmt: skip
     at.arrays["fragment"] = np.zeros(len(m), int)
+    at.arrays["formal_charges"] = formal_charges(at.arrays["fragment"], (q,))
     at.arrays["REF_forces"] = np.asarray(f, float)
     at.arrays["REF_charges"] = np.asarray(ch, float)
     return at
@@ -391,6 +403,7 @@ def main():
         at = Atoms(m.numbers, m.positions, pbc=False)
         at.info.update(REF_energy=float(e), REF_dipole=np.asarray(mu, float), charge=FORMAL_CHARGE[name],
                        config_type="isolated_monomer", name=name)  # fmt: skip
+        at.arrays["formal_charges"] = formal_charges(np.zeros(len(m), int), (FORMAL_CHARGE[name],))
         at.arrays["REF_forces"] = np.asarray(f, float)
         at.arrays["REF_charges"] = np.asarray(q, float)
         mono_frames.append(at)

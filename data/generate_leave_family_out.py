@@ -150,6 +150,7 @@ def label(mono, a, b, r, rng, config_type):
         charge_A=int(qa), charge_B=int(qb), held_out=int((a in NEW) + (b in NEW)),
     )  # fmt: skip
     at.arrays["fragment"] = frag
+    at.arrays["formal_charges"] = gd.formal_charges(frag, (qa, qb))
     at.arrays["REF_forces"] = np.asarray(f, float)
     at.arrays["REF_charges"] = np.asarray(q, float)
     return (at, max(abs(q_a - qa), abs(q_b - qb))), "ok"
@@ -240,6 +241,7 @@ def main() -> None:
         at = Atoms(m.numbers, m.positions, pbc=False)
         at.info.update(REF_energy=float(e), REF_dipole=np.asarray(mu, float), charge=FORMAL[name],
                        config_type="isolated_monomer", name=name)  # fmt: skip
+        at.arrays["formal_charges"] = gd.formal_charges(np.zeros(len(m), int), (FORMAL[name],))
         at.arrays["REF_forces"] = np.asarray(f, float)
         at.arrays["REF_charges"] = np.asarray(q, float)
         out.append(at)
