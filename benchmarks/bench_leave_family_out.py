@@ -2,11 +2,13 @@
 
 Fine-tunes the base model (``data/base_mace.model``, or ``--base``) on the main job's dimers
 (``data/dimers_train.xyz`` / ``dimers_valid.xyz``: 11 H/C/N/O molecule and ion families,
-3.5–8 Å) four ways with the same budget and seed, through ``mace_lr_run_train``:
+3.5–8 Å) five ways with the same budget and seed, through ``mace_lr_run_train``:
 
 * ``sr``   — short-range fine-tuning (no block)
 * ``les``  — ``--lr_blocks les`` (unconstrained latent charges)
 * ``lesq`` — ``les`` with ``total_charge="learned"`` (charges summing to the total charge)
+* ``lesf`` — ``lesq`` with ``charge_groups="fragments"`` (every bonded fragment summing to
+  its formal charge, ``atoms.arrays["formal_charges"]`` of the shipped files)
 * ``qeq``  — ``--lr_blocks qeq`` (charge equilibration under the total charge)
 
 then evaluates every model from ASE on ``data/leave_family_out_test.xyz`` (GFN2-xTB dimers
@@ -24,7 +26,7 @@ beside. Recipe (the main job's): ``--E0s foundation``, energy/force weights 100/
 lr 0.01, EMA 0.99, dipole weight 5 on ``REF_dipole`` for the three charge models, LES
 smearing 1 Å, qeq defaults.
 
-    python benchmarks/bench_leave_family_out.py                       # 3 seeds x 4 models
+    python benchmarks/bench_leave_family_out.py                       # 3 seeds x 5 models
     python benchmarks/bench_leave_family_out.py --epochs 20 --seeds 1 --parallel 2
     python benchmarks/bench_leave_family_out.py --fast                # 1 epoch, smoke test
     python benchmarks/bench_leave_family_out.py --base other.model --tag other_base
@@ -60,9 +62,16 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
-LABELS = {"sr": "short-range", "les": "LES", "lesq": "charge-aware LES", "qeq": "QEq"}
-BLOCK = {"les": "les", "lesq": "les", "qeq": "qeq"}
-CONFIG = {"les": '{"smearing": 1.0}', "lesq": '{"smearing": 1.0, "total_charge": "learned"}', "qeq": None}
+LABELS = {
+    "sr": "short-range", "les": "LES", "lesq": "charge-aware LES", "lesf": "fragment-charge LES", "qeq": "QEq",
+}  # fmt: skip
+BLOCK = {"les": "les", "lesq": "les", "lesf": "les", "qeq": "qeq"}
+CONFIG = {
+    "les": '{"smearing": 1.0}',
+    "lesq": '{"smearing": 1.0, "total_charge": "learned"}',
+    "lesf": '{"smearing": 1.0, "total_charge": "learned", "charge_groups": "fragments"}',
+    "qeq": None,
+}
 TYPES = ("ion_pair", "like_pair", "ion_polar", "polar_pair")
 
 
@@ -346,12 +355,15 @@ def _any(results: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=Path, default=DATA / "base_mace.model")
-    parser.add_argument("--models", default="sr,les,lesq,qeq")
+    parser.add_argument("--models", default="sr,les,lesq,lesf,qeq")
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per fine-tune (default 20)")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--dipole_weight", type=float, default=5.0)
     parser.add_argument("--lesq_config", default=CONFIG["lesq"], help="--lr_config of the charge-aware run")
+    parser.add_argument(
+        "--lesf_config", default=CONFIG["lesf"], help="--lr_config of the fragment-charge run"
+    )
     parser.add_argument("--parallel", type=int, default=1, help="trainings at once (one thread each)")
     parser.add_argument("--fast", action="store_true", help="1 epoch, one seed (smoke test)")
     parser.add_argument("--tag", default=None)
@@ -360,6 +372,7 @@ def main() -> None:
     parser.add_argument("--skip_training", action="store_true", help="only evaluate the models in --out")
     args = parser.parse_args()
     CONFIG["lesq"] = args.lesq_config
+    CONFIG["lesf"] = args.lesf_config
     args.epochs = args.epochs or (1 if args.fast else 20)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     bad = sorted(set(names) - set(LABELS))
@@ -377,11 +390,9 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
 
     # the short-range and charge-aware runs of every seed first (the headline comparison)
-    order = [n for n in ("sr", "lesq") if n in names] + [n for n in names if n not in ("sr", "lesq")]
-    first, rest = (
-        order[: sum(n in ("sr", "lesq") for n in names)],
-        order[sum(n in ("sr", "lesq") for n in names) :],
-    )
+    head = ("sr", "lesf", "lesq")
+    order = [n for n in head if n in names] + [n for n in names if n not in head]
+    first, rest = order[: sum(n in head for n in names)], order[sum(n in head for n in names) :]
     runs = [(n, s, out / f"{n}_s{s}") for group in (first, rest) for s in seeds for n in group]
     t0 = time.perf_counter()
     walls = {} if args.skip_training else train_all(runs, args)

@@ -95,7 +95,13 @@ def atoms_to_batch(
         _check_atoms(atoms, z_table, index)
         for key in required:
             info_key = _DATA_TO_INFO.get(key, key)
-            if info_key not in atoms.info:
+            per_atom = any(item.key == key and item.per == PER_ATOM for item in inputs)
+            if per_atom and info_key not in atoms.arrays:
+                raise KeyError(
+                    f"structure {index} has no atoms.arrays[{info_key!r}] ({key}), which a block "
+                    "of this model requires; set one value per atom (e.g. zeros for neutral molecules)"
+                )
+            if not per_atom and info_key not in atoms.info:
                 raise KeyError(
                     f"structure {index} has no atoms.info[{info_key!r}] ({key}), which a block "
                     "of this model requires; set it explicitly (e.g. 0 for a neutral system)"

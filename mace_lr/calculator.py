@@ -98,6 +98,8 @@ class MACELRCalculator(Calculator):
         self._inputs = self.model.declared_inputs
         #: atoms.info keys whose change invalidates the results (the per-structure inputs too)
         self._info_keys = _INFO_KEYS + tuple(i.source for i in self._inputs if i.per != PER_ATOM)
+        #: atoms.arrays keys of the per-atom inputs (ASE compares only its own arrays)
+        self._array_keys = tuple(i.source for i in self._inputs if i.per == PER_ATOM)
         for p in self.model.parameters():
             p.requires_grad_(False)
         if external_field is not None:
@@ -108,9 +110,15 @@ class MACELRCalculator(Calculator):
         self.external_field = external_field
         self._info_cache: Dict[str, Any] = {}
 
+    def _inputs_of(self, atoms) -> Dict[str, Any]:
+        """The model inputs of ``atoms`` that ASE's own state check does not compare."""
+        values = {"info:" + k: atoms.info.get(k) for k in self._info_keys}
+        values.update({"arrays:" + k: atoms.arrays.get(k) for k in self._array_keys})
+        return values
+
     def check_state(self, atoms, tol: float = 1e-15):
         changes = super().check_state(atoms, tol)
-        info = {k: atoms.info.get(k) for k in self._info_keys}
+        info = self._inputs_of(atoms)
         if self.atoms is not None and not _same_info(info, self._info_cache):
             changes.append("info")
         return changes
@@ -120,7 +128,7 @@ class MACELRCalculator(Calculator):
         if "info" in system_changes:
             system_changes = [c for c in system_changes if c != "info"]
         Calculator.calculate(self, atoms, properties, system_changes)
-        self._info_cache = {k: _copy(self.atoms.info.get(k)) for k in self._info_keys}
+        self._info_cache = {k: _copy(v) for k, v in self._inputs_of(self.atoms).items()}
         atoms = self.atoms
         pbc = atoms.get_pbc()
         batch = atoms_to_batch(

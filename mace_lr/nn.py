@@ -23,6 +23,12 @@ Identity at initialisation and per-structure sums:
 * :func:`straight_through_coupling` — the gate γ = max(a, 0) that starts a block silent;
 * :func:`graph_sum` — per-graph sums of per-atom values (energies, dipoles, charges).
 
+Molecular topology:
+
+* :func:`bonded_fragments` — the covalently bonded fragments (connected components of
+  the bond graph, distances below 1.2 × the summed covalent radii :data:`COVALENT_RADII`)
+  on the base model's edges, for blocks that give each molecule its own charge.
+
 Per-element options and positive parameters:
 
 * :func:`element_values` — a user mapping element → number (symbols or atomic numbers)
@@ -46,12 +52,15 @@ import torch
 from ._block import straight_through_coupling
 from ._elements import element_number, element_values, softplus_inverse
 from ._equivariant import NeighbourHarmonics, bessel_wavenumbers, feature_vectors, neighbour_vectors
+from ._fragments import COVALENT_RADII, bonded_fragments
 from ._gridding import bspline_weights, mesh_convolution, mesh_geometry, mesh_spacing_for
 from ._mace_adapter import scalar_feature_indices, vector_feature_indices
 
 __all__ = [
+    "COVALENT_RADII",
     "NeighbourHarmonics",
     "bessel_wavenumbers",
+    "bonded_fragments",
     "bspline_weights",
     "element_number",
     "element_values",

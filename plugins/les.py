@@ -64,21 +64,68 @@ coupling can close the gate (γ = 0) early in training. No embedding of
 structure's charge as an input (a neutral molecule's charges would change with a distant
 ion's presence), would not enforce the sum, and the correction above already uses
 :math:`Q_g` exactly.
+
+**Fragments at their formal charges** (``charge_groups="fragments"``, with ``total_charge``
+``"uniform"`` or ``"learned"``). Where the charge of every molecule is known — the formal
+charges a chemist writes, given per atom as ``atoms.arrays["formal_charges"]``
+(the same key in training files; only their sum over each fragment is used) — the same
+correction is applied to every covalently bonded fragment F instead of the whole structure,
+:math:`\sum_{i \in F} q_i = Q_F = \sum_{i \in F} q^\mathrm{formal}_i`. Fragments are the
+connected components of the bond graph (distance below ``bond_scale`` × the summed covalent
+radii, 1.2 by default) on the base model's edges. No charge moves between fragments, so a
+fragment's charges depend only on its own atoms and their neighbourhood: two fragments
+beyond the base model's receptive field interact as their own charge distributions, with
+E(A…B) − E(A) − E(B) → γ·(Coulomb energy between them), net charges Q_A Q_B / r at leading
+order. The partition is a topology: it is constant while no bond forms or breaks, and the
+energy jumps where one does (a proton transfer, a dissociation); for reactive systems use
+``"structure"``. Ionic solids and melts, where every ion is "bonded" to its neighbours,
+form one fragment and reduce to ``"structure"``.
 """
 
 import logging
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
+import numpy as np
 import torch
 
-from mace_lr import LongRangeBlock, Output
+from mace_lr import Input, LongRangeBlock, Output
 from mace_lr.electrostatics import coulomb_potential_batch, coulomb_potential_graph
-from mace_lr.nn import graph_sum, scalar_feature_indices, straight_through_coupling
+from mace_lr.nn import (
+    COVALENT_RADII,
+    bonded_fragments,
+    graph_sum,
+    scalar_feature_indices,
+    straight_through_coupling,
+)
 
 logger = logging.getLogger(__name__)
 
 #: values of the ``total_charge`` option
 TOTAL_CHARGE_MODES = ("none", "uniform", "learned")
+#: values of the ``charge_groups`` option: what carries a fixed charge
+CHARGE_GROUPS = ("structure", "fragments")
+#: per-atom input of ``charge_groups="fragments"``
+FORMAL_CHARGES = "formal_charges"
+
+
+def _check_formal_charges(atoms, index: int) -> None:
+    """``atoms.arrays["formal_charges"]``: one finite number per atom, summing to ``info["charge"]``."""
+    if FORMAL_CHARGES not in atoms.arrays:
+        return
+    values = np.asarray(atoms.arrays[FORMAL_CHARGES])
+    if values.shape != (len(atoms),) or not np.issubdtype(values.dtype, np.number):
+        raise ValueError(
+            f"structure {index}: atoms.arrays[{FORMAL_CHARGES!r}] must hold one number per atom "
+            f"(shape ({len(atoms)},)), got shape {values.shape} and dtype {values.dtype}"
+        )
+    if not np.isfinite(values).all():
+        raise ValueError(f"structure {index}: atoms.arrays[{FORMAL_CHARGES!r}] has non-finite values")
+    total = atoms.info.get("charge")
+    if total is not None and abs(float(values.sum()) - float(total)) > 1e-6:
+        raise ValueError(
+            f"structure {index}: its formal charges sum to {float(values.sum()):g} e but "
+            f"atoms.info['charge'] is {float(total):g} e"
+        )
 
 
 class LESBlock(LongRangeBlock):
@@ -101,6 +148,13 @@ class LESBlock(LongRangeBlock):
             ``"learned"``: charges corrected so that each structure's sum is its
             ``total_charge`` (the excess spread equally, or by learned softplus weights).
             With it on the model requires the total charge of every structure.
+        charge_groups: what the correction holds at a fixed charge (with ``total_charge``
+            on): ``"structure"`` (default: each structure sums to ``total_charge``) or
+            ``"fragments"``: each covalently bonded fragment sums to its formal charge,
+            the sum of the per-atom ``formal_charges`` input over its atoms
+            (``atoms.arrays["formal_charges"]``); the total charge is then not needed.
+        bond_scale: bond criterion of ``"fragments"``: bonded when the distance is below
+            ``bond_scale`` times the summed covalent radii (default 1.2).
     """
 
     name = "les"
@@ -108,8 +162,21 @@ class LESBlock(LongRangeBlock):
     #: engine it runs (the graph engine has no Python callback)
     graph_engine: torch.jit.Final[bool]
     # set per instance when `total_charge` is on; not part of the compiled module
-    __jit_ignored_attributes__ = ["required_inputs"]
+    __jit_ignored_attributes__ = ["required_inputs", "inputs"]
     outputs = (Output.charges("latent charges (a scale of its Coulomb energy, not a charge partition)"),)
+    inputs = (
+        Input(
+            FORMAL_CHARGES,
+            "atom",
+            "e",
+            FORMAL_CHARGES,
+            description="formal charges of the atoms (only their sum over each bonded fragment is used, "
+            'by charge_groups="fragments")',
+            check=_check_formal_charges,
+        ),
+    )
+    #: ``charge_groups == "fragments"`` (a TorchScript constant)
+    per_fragment: torch.jit.Final[bool]
 
     def __init__(
         self,
@@ -122,6 +189,8 @@ class LESBlock(LongRangeBlock):
         method: str = "auto",
         coupling_init: float = 0.0,
         total_charge: str = "none",
+        charge_groups: str = "structure",
+        bond_scale: float = 1.2,
         **config: Any,
     ) -> None:
         if config:
@@ -133,7 +202,21 @@ class LESBlock(LongRangeBlock):
                 f"LES `total_charge` must be one of {', '.join(map(repr, TOTAL_CHARGE_MODES))}, "
                 f"got {total_charge!r}"
             )
+        if charge_groups not in CHARGE_GROUPS:
+            raise ValueError(
+                f"LES `charge_groups` must be one of {', '.join(map(repr, CHARGE_GROUPS))}, "
+                f"got {charge_groups!r}"
+            )
+        if charge_groups == "fragments" and total_charge == "none":
+            raise ValueError(
+                'LES `charge_groups="fragments"` corrects the charges of each fragment: it needs '
+                '`total_charge="uniform"` or `"learned"` (the redistribution within a fragment)'
+            )
+        if not bond_scale > 0:
+            raise ValueError(f"LES `bond_scale` must be > 0, got {bond_scale}")
         extra: Dict[str, Any] = {} if total_charge == "none" else {"total_charge": str(total_charge)}
+        if charge_groups == "fragments":  # older configs stay as they were
+            extra.update(charge_groups=str(charge_groups), bond_scale=float(bond_scale))
         super().__init__(
             feature_irreps,
             atomic_numbers,
@@ -146,8 +229,13 @@ class LESBlock(LongRangeBlock):
             **extra,
         )
         self.total_charge_mode = str(total_charge)
+        self.per_fragment = charge_groups == "fragments"
+        self.bond_scale = float(bond_scale)
         if total_charge != "none":
-            self.required_inputs = ("total_charge",)
+            self.required_inputs = (FORMAL_CHARGES,) if self.per_fragment else ("total_charge",)
+        self.register_buffer(
+            "covalent_radii", torch.tensor(COVALENT_RADII, dtype=torch.float64), persistent=False
+        )
         self.smearing = float(smearing)
         self.accuracy = float(accuracy)
         self.method = str(method)
@@ -176,8 +264,12 @@ class LESBlock(LongRangeBlock):
 
     @classmethod
     def required_inputs_for(cls, options: Mapping[str, Any]) -> Tuple[str, ...]:
-        """Data keys a block built with ``options`` requires (``total_charge`` when the option is on)."""
-        return ("total_charge",) if options.get("total_charge", "none") != "none" else ()
+        """Data keys a block built with ``options`` requires (``total_charge`` when the option is
+        on; ``formal_charges`` instead with ``charge_groups="fragments"``).
+        """
+        if options.get("total_charge", "none") == "none":
+            return ()
+        return (FORMAL_CHARGES,) if options.get("charge_groups") == "fragments" else ("total_charge",)
 
     def latent_charges(self, node_feats: torch.Tensor) -> torch.Tensor:
         """Latent charges ``q̃`` [n_atoms] from the invariant features."""
@@ -190,11 +282,12 @@ class LESBlock(LongRangeBlock):
         batch: torch.Tensor,
         total_charge: torch.Tensor,
     ) -> torch.Tensor:
-        r"""Charges [n_atoms] e whose sum over each graph is ``total_charge`` [n_graphs] e.
+        r"""Charges [n_atoms] e whose sum over each group is ``total_charge`` [n_groups] e.
 
         :math:`q_i = \tilde q_i + w_i (Q_g - \sum_{j \in g} \tilde q_j) / \sum_{j \in g} w_j`
         with :math:`w_i = 1` (``"uniform"``) or :math:`\operatorname{softplus}(u(h_i))`
-        (``"learned"``); segment sums over ``batch``, no loop over graphs.
+        (``"learned"``); segment sums over ``batch`` (the group of each atom: its graph, or its
+        fragment), no loop over groups.
         """
         num_graphs = total_charge.shape[0]
         if self.total_charge_mode == "learned":
@@ -244,7 +337,16 @@ class LESBlock(LongRangeBlock):
         q_latent = self.latent_charges(ctx["node_feats"]).to(positions.dtype)
         num_graphs = ctx["ptr"].shape[0] - 1
         conserving = self.total_charge_mode != "none"
-        if conserving:
+        if conserving and self.per_fragment:
+            fragment, num_fragments = bonded_fragments(
+                ctx["atomic_numbers"], positions, ctx["edge_index"], ctx["shifts"], self.covalent_radii,
+                self.bond_scale,
+            )  # fmt: skip
+            formal = ctx["formal_charges"].to(positions.dtype)  # FORMAL_CHARGES (TorchScript)
+            fragment_charge = torch.zeros(num_fragments, dtype=positions.dtype, device=positions.device)
+            fragment_charge = fragment_charge.index_add(0, fragment, formal)
+            q_latent = self.conserve_charge(q_latent, ctx["node_feats"], fragment, fragment_charge)
+        elif conserving:
             q_latent = self.conserve_charge(q_latent, ctx["node_feats"], ctx["batch"], ctx["total_charge"])
         if self.graph_engine:
             phi = coulomb_potential_graph(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Callable, Dict, Tuple
 
+import numpy as np
 import torch
 
 from .._keys import (
@@ -28,7 +29,7 @@ from .._keys import (
     PRESENT_SUFFIX,
 )
 from .._losses import LongRangeLoss
-from .._outputs import PER_ATOM, Output, declared_targets
+from .._outputs import PER_ATOM, Input, Output, declared_inputs, declared_targets
 
 if TYPE_CHECKING:
     from ._mace_patches import RunContext
@@ -56,10 +57,22 @@ def _declared_data_targets(weights) -> Dict[str, Output]:
     }
 
 
+def _run_inputs(run: "RunContext") -> Tuple[Input, ...]:
+    """Inputs the run's blocks declare (:attr:`LongRangeBlock.inputs`), each key once."""
+    from mace_lr.registry import get_block
+
+    classes = [get_block(name) for name in run.specs]
+    classes += [type(block) for block in (run.carried or {}).values()]
+    return tuple(declared_inputs(classes))
+
+
 def keyspec_hook(original: Callable, run: "RunContext") -> Callable:
-    """``update_keyspec_from_kwargs``: read the applied field and the long-range targets."""
+    """``update_keyspec_from_kwargs``: read the applied field, the long-range targets and the
+    inputs the blocks declare (e.g. formal charges, electrode labels).
+    """
     weights, keys = run.weights, run.keys
     declared = _declared_data_targets(weights)
+    inputs = _run_inputs(run)
 
     def update_keyspec_from_kwargs(keyspec, keydict):
         keyspec = original(keyspec, keydict)
@@ -69,6 +82,8 @@ def keyspec_hook(original: Callable, run: "RunContext") -> Callable:
         arrays = {BORN_CHARGES: keys[BORN_CHARGES]} if weights.get(BORN_CHARGES, 0.0) > 0 else {}
         for name, output in declared.items():
             (arrays if output.per == PER_ATOM else info)[name] = keys[name]
+        for item in inputs:
+            (arrays if item.per == PER_ATOM else info)[item.key] = item.source
         return keyspec.update(info_keys=info, arrays_keys=arrays)
 
     return update_keyspec_from_kwargs
@@ -83,6 +98,7 @@ def target_shapes_hook(original, run: "RunContext"):
     """
     weights = run.weights
     declared = _declared_data_targets(weights)
+    inputs = _run_inputs(run)
     orig_from_config = original.__func__
 
     def from_config(cls, config, *a, **k):
@@ -114,6 +130,16 @@ def target_shapes_hook(original, run: "RunContext"):
             expand = present.view(rows, *([1] * len(output.shape)))
             setattr(data, name, torch.where(expand, value, torch.zeros_like(value)))
             setattr(data, name + PRESENT_SUFFIX, present.to(dtype))
+        for item in inputs:  # declared inputs, the input's default where a structure lacks it
+            rows = n if item.per == PER_ATOM else 1
+            kind = torch.int64 if item.dtype == "int64" else dtype
+            value = config.properties.get(item.key)
+            value = (
+                torch.full((rows,), item.default, dtype=kind)
+                if value is None
+                else torch.as_tensor(np.asarray(value, dtype=float), dtype=torch.float64).to(kind)
+            )
+            setattr(data, item.key, value.view(rows))
         return data
 
     return classmethod(from_config)
