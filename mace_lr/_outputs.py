@@ -112,9 +112,11 @@ class Input:
     """A per-atom or per-structure input a block reads from the data (beyond the standard
     context of :data:`mace_lr._block.CONTEXT_KEYS`).
 
-    ``atoms_to_batch`` (calculator, contract tests) reads it from ``atoms.arrays[source]``
-    (per atom) or ``atoms.info[source]`` (per structure) when any structure has it, and
-    the wrapper puts it in ``ctx[key]``, filled with ``default`` when the data lack it.
+    ``atoms_to_batch`` (calculator, contract tests) and ``mace_lr_run_train``'s data
+    pipeline read it from ``atoms.arrays[source]`` (per atom) or ``atoms.info[source]`` (per
+    structure), and the wrapper puts it in ``ctx[key]``, filled with ``default`` where a
+    structure lacks it (a block that cannot do without it lists the key in
+    ``required_inputs``: then a missing value is an error).
 
     Attributes:
         key: context (and batch) key.
