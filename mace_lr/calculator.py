@@ -42,7 +42,10 @@ class MACELRCalculator(Calculator):
 
     Follows mace's ``MACECalculator`` conventions. Reads ``atoms.info["charge"]`` (total
     charge, e), ``atoms.info["spin"]`` and ``atoms.info["external_field"]`` (V/Å; the
-    ``external_field`` argument applies to structures that do not set their own).
+    ``external_field`` argument applies to structures that do not set their own), and the
+    inputs the blocks declare (:attr:`mace_lr.LongRangeBlock.inputs`), e.g. the per-atom
+    ``atoms.arrays["formal_charges"]`` of LES with ``charge_groups="fragments"``; a change of
+    any of them, like a change of the positions, invalidates the results.
 
     Results (ASE names and units): ``energy`` eV, ``forces`` eV/Å, ``stress`` (Voigt,
     eV/Å³, periodic cells), ``charges`` e, ``dipole`` e·Å, ``polarization`` e/Å²
