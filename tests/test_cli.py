@@ -708,3 +708,69 @@ def test_config_yaml_carries_mace_lr_flags(workdir, tmp_path):
     weights = cli.loss_weights(args, argv)
     assert weights["dipole"] == 2.5 and weights["wannier_centroids"] == 7.0
     assert cli.loss_weights(cli.build_parser().parse_args(argv[:-2]), argv[:-2])["dipole"] == 0.0
+
+
+def test_group_batch_sampler_keeps_groups_whole_and_reshuffles():
+    """``--lr_batch_groups``: every batch holds whole groups; the order follows the generator."""
+    from mace_lr.cli._lr_hooks import GroupBatchSampler, group_id
+
+    labels = [group_id(v) for v in [3, 3, 1, 1, 7, 7, 3, 1, "a", "a"]] + [-1, -1]
+    gen = torch.Generator().manual_seed(0)
+    sampler = GroupBatchSampler(labels, batch_size=4, generator=gen)
+    batches = list(sampler)
+    assert len(batches) == len(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(12))
+    for b in batches:
+        groups = {labels[i] for i in b if labels[i] >= 0}
+        for g in groups:  # a group is never split across batches
+            assert {i for i in range(12) if labels[i] == g} <= set(b)
+        assert len(b) <= 4 or len(groups) == 1
+    orders = set()
+    for seed in range(6):
+        gen.manual_seed(seed)
+        orders.add(tuple(tuple(b) for b in sampler))
+    assert len(orders) > 1
+    gen.manual_seed(0)
+    assert [list(b) for b in sampler] == batches  # the same seed gives the same epoch
+
+
+def test_group_batches_through_mace_data_pipeline():
+    """The hooks label mace's AtomicData with atoms.info['quartet'] and the training loader
+    yields whole quartets; a loader that does not shuffle is mace's own."""
+    from pathlib import Path
+
+    from mace import data as mace_data
+    from mace.data import atomic_data
+    from mace.tools import torch_geometric
+    from mace.tools.utils import AtomicNumberTable
+
+    from mace_lr.cli import _lr_hooks as hooks
+    from mace_lr.cli._mace_patches import RunContext
+
+    frames = ase.io.read(Path(__file__).resolve().parents[1] / "data" / "nonlocal_valid.xyz", ":16")
+    run = RunContext(
+        specs={}, carried=None, weights={}, keys={"external_field": "f"}, seed=1, batch_groups="quartet"
+    )
+    update = hooks.keyspec_hook(mace_data.update_keyspec_from_kwargs, run)
+    from_config = hooks.target_shapes_hook(atomic_data.AtomicData.from_config, run).__get__(
+        None, atomic_data.AtomicData
+    )
+    keyspec = update(mace_data.KeySpecification(), {"energy_key": "REF_energy"})
+    table = AtomicNumberTable(sorted({int(z) for a in frames for z in a.numbers}))
+    dataset = [
+        from_config(mace_data.config_from_atoms(a, key_specification=keyspec), z_table=table, cutoff=4.5)
+        for a in frames
+    ]
+    loader_cls = hooks.group_batches_hook(torch_geometric.dataloader.DataLoader, run)
+    loader = loader_cls(
+        dataset=dataset, batch_size=8, shuffle=True, drop_last=True, generator=torch.Generator()
+    )
+    quartets = [a.info["quartet"] for a in frames]
+    seen = []
+    for batch in loader:
+        labels = batch.lr_batch_group.tolist()
+        assert len(labels) == 8 and all(labels.count(q) == 4 for q in set(labels))
+        seen += labels
+    assert sorted(seen) == sorted(quartets)
+    plain = loader_cls(dataset=dataset, batch_size=5, shuffle=False)
+    assert [b.num_graphs for b in plain] == [5, 5, 5, 1]

@@ -14,6 +14,7 @@ Each ``*_hook`` builds the replacement of one mace symbol from the original (the
 from __future__ import annotations
 
 import logging
+import zlib
 from typing import TYPE_CHECKING, Callable, Dict, Tuple
 
 import numpy as np
@@ -84,6 +85,8 @@ def keyspec_hook(original: Callable, run: "RunContext") -> Callable:
             (arrays if output.per == PER_ATOM else info)[name] = keys[name]
         for item in inputs:
             (arrays if item.per == PER_ATOM else info)[item.key] = item.source
+        if run.batch_groups:
+            info[BATCH_GROUP] = run.batch_groups
         return keyspec.update(info_keys=info, arrays_keys=arrays)
 
     return update_keyspec_from_kwargs
@@ -140,9 +143,82 @@ def target_shapes_hook(original, run: "RunContext"):
                 else torch.as_tensor(np.asarray(value, dtype=float), dtype=torch.float64).to(kind)
             )
             setattr(data, item.key, value.view(rows))
+        if run.batch_groups:  # the structure's group label as an integer (-1: none)
+            label = config.properties.get(BATCH_GROUP)
+            data.lr_batch_group = torch.tensor([-1 if label is None else group_id(label)], dtype=torch.int64)
         return data
 
     return classmethod(from_config)
+
+
+#: batch (and keyspec) key of the ``--lr_batch_groups`` label
+BATCH_GROUP = "lr_batch_group"
+
+
+def group_id(label) -> int:
+    """A non-negative integer for a group label (integers as they are, other labels hashed)."""
+    value = np.asarray(label).reshape(-1)
+    if value.size == 1 and np.issubdtype(value.dtype, np.integer) and int(value[0]) >= 0:
+        return int(value[0])
+    return zlib.crc32(str(label).encode()) + (1 << 40)  # apart from the integer labels
+
+
+class GroupBatchSampler(torch.utils.data.Sampler):
+    """Batches of whole groups: the groups in a random order (from ``generator``, which
+    mace-lr reseeds every epoch), packed into batches of at most ``batch_size`` structures;
+    a group larger than that is one batch. Structures with label −1 are groups of one.
+    """
+
+    def __init__(self, labels, batch_size: int, generator=None) -> None:
+        groups: Dict[int, list] = {}
+        for index, label in enumerate(labels):
+            groups.setdefault(int(label) if label >= 0 else -1 - index, []).append(index)
+        self.groups = list(groups.values())
+        self.batch_size = int(batch_size)
+        self.generator = generator
+
+    def _batches(self, order):
+        batch: list = []
+        for g in order:
+            members = self.groups[g]
+            if batch and len(batch) + len(members) > self.batch_size:
+                yield batch
+                batch = []
+            batch = batch + members
+        if batch:
+            yield batch
+
+    def __iter__(self):
+        order = torch.randperm(len(self.groups), generator=self.generator).tolist()
+        return self._batches(order)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self._batches(range(len(self.groups))))
+
+
+def group_batches_hook(original, run: "RunContext"):
+    """``torch_geometric.dataloader.DataLoader``: with ``--lr_batch_groups``, a shuffled
+    loader yields batches of whole groups (:class:`GroupBatchSampler`); every other loader,
+    and every loader without the flag, is mace's own.
+    """
+
+    def DataLoader(dataset, batch_size: int = 1, shuffle: bool = False, **kwargs):
+        if not (run.batch_groups and shuffle and kwargs.get("sampler") is None):
+            return original(dataset, batch_size=batch_size, shuffle=shuffle, **kwargs)
+        labels = [int(getattr(data, BATCH_GROUP, torch.tensor([-1])).view(-1)[0]) for data in dataset]
+        sampler = GroupBatchSampler(labels, batch_size, kwargs.get("generator"))
+        kwargs.pop("sampler", None)
+        kwargs.pop("drop_last", None)
+        logger.info(
+            "training batches of whole groups of atoms.info[%r]: %d groups, %d batches of <= %d structures",
+            run.batch_groups,
+            len(sampler.groups),
+            len(sampler),
+            batch_size,
+        )
+        return original(dataset, batch_size=1, shuffle=False, batch_sampler=sampler, **kwargs)
+
+    return DataLoader
 
 
 def configure_model_hook(original: Callable, run: "RunContext") -> Callable:

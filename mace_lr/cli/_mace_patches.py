@@ -62,6 +62,7 @@ class RunContext:
         weights: loss term → weight (0: off).
         keys: loss term (and ``external_field``) → data key.
         seed: ``--seed``.
+        batch_groups: ``--lr_batch_groups`` (atoms.info key of the batch groups), or None.
         state: ``rank`` of this process once mace has read it (0 without ``--distributed``).
     """
 
@@ -70,6 +71,7 @@ class RunContext:
     weights: Dict[str, float]
     keys: Dict[str, str]
     seed: int
+    batch_groups: Optional[str] = None
     state: Dict[str, Any] = dataclasses.field(default_factory=lambda: {"rank": 0})
     resume: Dict[str, int] = dataclasses.field(default_factory=dict)
     notes: List[str] = dataclasses.field(default_factory=list)
@@ -94,6 +96,12 @@ PATCHES: Tuple[Patch, ...] = (
         "mace.data.atomic_data:AtomicData.from_config", "hook", "batchable targets", hooks.target_shapes_hook
     ),
     Patch(f"{_RT}:init_distributed", "hook", "record the rank, quiet other ranks", hooks.rank_hook),
+    Patch(
+        "mace.tools.torch_geometric.dataloader:DataLoader",
+        "hook",
+        "training batches of whole groups (--lr_batch_groups)",
+        hooks.group_batches_hook,
+    ),
     # fixes of mace's own training loop
     Patch(
         f"{_RT}:get_params_options",

@@ -43,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
         "with one block a flat {option: value} mapping is accepted",
     )
     group.add_argument(
+        "--lr_batch_groups",
+        type=str,
+        default=None,
+        help="atoms.info key: training structures sharing its value go into the same batch (whole "
+        "groups, packed up to --batch_size structures, groups shuffled every epoch). For data whose "
+        "signal is a difference within a group, e.g. the end-group quartets of tutorial 6",
+    )
+    group.add_argument(
         "--external_field_key",
         type=str,
         default="external_field",

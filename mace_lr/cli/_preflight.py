@@ -88,6 +88,8 @@ def preflight(
             )
     keys = target_keys(args)
     required += [keys[name] for name, weight in weights.items() if weight > 0]
+    if getattr(args, "lr_batch_groups", None):
+        required.append(args.lr_batch_groups)
     if args.train_file and os.path.isfile(args.train_file) and args.train_file.endswith((".xyz", ".extxyz")):
         import ase.io
 

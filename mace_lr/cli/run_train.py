@@ -85,7 +85,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> List[str]:
         torch.save(foundation.base, base_path)
         args.foundation_model = base_path
         carried = dict(foundation.blocks.items())
-    with _hooks(specs, carried, weights, target_keys(args), args.seed) as state:
+    with _hooks(specs, carried, weights, target_keys(args), args.seed, args.lr_batch_groups) as state:
         rt.run(args)
     if state["rank"] != 0:
         # mace saves the .model files on rank 0 before its last barrier; rank 0 rewrites them
@@ -100,6 +100,7 @@ def _hooks(
     weights: Dict[str, float],
     keys: Dict[str, str],
     seed: int,
+    batch_groups: Optional[str] = None,
 ) -> Iterator[Dict[str, Any]]:
     """Patch mace's training run for the duration of one run (:data:`._mace_patches.PATCHES`).
 
@@ -107,7 +108,7 @@ def _hooks(
     applied field to the data keys holding them (:func:`target_keys`). Yields a dict
     that holds this process's ``rank`` once mace has read it (0 without ``--distributed``).
     """
-    with patched(RunContext(specs, carried, weights, keys, seed)) as run_context:
+    with patched(RunContext(specs, carried, weights, keys, seed, batch_groups)) as run_context:
         yield run_context.state
 
 
