@@ -16,10 +16,12 @@ In real space the filter is a sum of Gaussians :math:`\lambda w_{cb} e^{-r^2/2s_
 widths :math:`s_b` (Å) peaking at λ w (λ = ``feature_scale``; unit-integral Gaussians made
 φ from 8 Å away ~1e-4 of the features and the block learned nothing in tutorial 6), so
 its reach is finite (a few :math:`s_{\max}`) and the k = 0 term is kept (it is the
-integral of the kernel). The block energy is an MLP of :math:`(h_i, \phi_i)` per atom,
-summed per graph, times the straight-through coupling γ = max(a, 0) (``coupling_init``,
-default 1). The MLP's last layer is zero-initialised, so the block is exactly silent at
-initialisation while the last layer (and through it everything else) gets gradients.
+integral of the kernel). The block energy is an MLP of :math:`(h_i, \phi_i, h_i \odot
+\phi_i)` per atom (``products``; the product makes the far field's effect on an atom
+depend on the atom's own environment at first order), summed per graph, times the
+straight-through coupling γ = max(a, 0) (``coupling_init``, default 1). The MLP's last
+layer is zero-initialised, so the block is exactly silent at initialisation while the last
+layer (and through it everything else) gets gradients.
 
 Geometry (all differentiable, so forces, stress and field derivatives are exact):
 
@@ -90,7 +92,7 @@ logger = logging.getLogger(__name__)
 
 
 class MeshBlock(LongRangeBlock):
-    """Learned mesh (P³M-like) nonlocal block.
+    r"""Learned mesh (P³M-like) nonlocal block.
 
     Args:
         feature_irreps: irreps of the base model's ``node_feats``.
@@ -112,6 +114,10 @@ class MeshBlock(LongRangeBlock):
         feature_scale: real-space peak of each filter Gaussian per unit weight
             (default 0.1; a constant, like attention's).
         hidden: width of the energy MLP's hidden layer (default 32).
+        products: give the energy MLP the products :math:`h_{ic}\phi_{ic}` besides
+            :math:`(h_i, \phi_i)` (default True): the non-additive part of the energy
+            (how an atom's own environment responds to the far field) is then first order
+            in φ, which an MLP of :math:`(h, \phi)` reaches only through its curvature.
         coupling_init: initial coupling parameter ``a`` (default 1). Identity at init comes
             from the zero-initialised last readout layer, not from ``a``: with a = 0 the
             gate γ = max(a, 0) blocks every gradient but that of ``a``, and ``a`` drifted
@@ -136,6 +142,7 @@ class MeshBlock(LongRangeBlock):
         feature_scale: float = 0.1,
         hidden: int = 32,
         coupling_init: float = 1.0,
+        products: bool = True,
         **config: Any,
     ) -> None:
         if config:
@@ -166,6 +173,7 @@ class MeshBlock(LongRangeBlock):
             feature_scale=float(feature_scale),
             hidden=int(hidden),
             coupling_init=float(coupling_init),
+            products=bool(products),
         )
         self.channels = int(channels)
         self.spacing = (
@@ -176,6 +184,7 @@ class MeshBlock(LongRangeBlock):
         self.smearing = float(smearing)
         self.max_width = float(max_width)
         self.feature_scale = float(feature_scale)
+        self.products = bool(products)
         self.order = int(order)
         self.coulomb_constant = float(COULOMB_CONSTANT)
         if padding is not None and padding <= 0:
@@ -196,7 +205,7 @@ class MeshBlock(LongRangeBlock):
             torch.eye(int(num_basis), self.channels) + 0.1 * torch.randn(int(num_basis), self.channels)
         )
         self.readout = torch.nn.Sequential(
-            torch.nn.Linear(2 * self.channels, hidden),
+            torch.nn.Linear((3 if products else 2) * self.channels, hidden),
             torch.nn.SiLU(),
             torch.nn.Linear(hidden, 1),
         )
@@ -320,7 +329,8 @@ class MeshBlock(LongRangeBlock):
         dtype = positions.dtype
         h = self.embed(ctx["node_feats"][:, self.scalar_index]).to(dtype)
         phi = self.mesh_potential(positions, h, ctx["cell"], ctx["pbc"], ctx["batch"], ctx["ptr"])
-        per_atom = self.readout(torch.cat([h, phi], dim=-1)).squeeze(-1)
+        inputs = [h, phi, h * phi] if self.products else [h, phi]
+        per_atom = self.readout(torch.cat(inputs, dim=-1)).squeeze(-1)
         num_graphs = ctx["ptr"].shape[0] - 1
         energy = self.gamma().to(dtype) * graph_sum(per_atom, ctx["batch"], num_graphs)
         return {"energy": energy, "features": phi}

@@ -265,3 +265,33 @@ def test_accuracy_and_padding_options():
         MeshBlock("8x0e", [11], 4.0, padding=-1.0)
     with pytest.raises(ValueError, match="order in"):
         MeshBlock("8x0e", [11], 4.0, order=3, accuracy=1e-6)
+
+
+def test_products_readout_option():
+    """``products`` (default on) adds h ⊙ φ to the energy MLP's input; off is the (h, φ) readout.
+
+    With the product columns' weights at zero the two readouts are the same function, so
+    the products-on block then equals the products-off block with the same other weights;
+    non-zero product weights change the energy of two molecules that see each other.
+    """
+    base = T.make_test_model(atomic_numbers=ELEMENTS, seed=2)
+    on = T.perturb_blocks(mace_lr.augment(base, {"mesh": {"channels": 2, "hidden": 4}}), seed=3)
+    off = mace_lr.augment(base, {"mesh": {"channels": 2, "hidden": 4, "products": False}})
+    a, b = on.blocks["mesh"], off.blocks["mesh"]
+    assert (a.readout[0].in_features, b.readout[0].in_features) == (6, 4)
+    assert a.to_config()["products"] is True and b.to_config()["products"] is False
+    assert MeshBlock.from_config(b.to_config()).readout[0].in_features == 4
+    T.assert_identity_at_init(base, mace_lr.augment(base, {"mesh": {"channels": 2}}), [molecule("H2O")])
+    state = {k: v.clone() for k, v in a.state_dict().items()}
+    state["readout.0.weight"] = state["readout.0.weight"][:, :4]
+    b.load_state_dict(state)
+    pair = molecule("H2O")
+    other = molecule("H2O")
+    other.positions += (0.0, 0.0, 5.0)
+    pair += other
+    e_on = _block_energy(on, [pair])[0]
+    with torch.no_grad():
+        a.readout[0].weight[:, 4:] = 0.0
+    e_zeroed = _block_energy(on, [pair])[0]
+    assert abs(e_zeroed - _block_energy(off, [pair])[0]) < 1e-12
+    assert abs(e_on - e_zeroed) > 1e-8
