@@ -268,20 +268,24 @@ def test_accuracy_and_padding_options():
 
 
 def test_products_readout_option():
-    """``products`` (default on) adds h ⊙ φ to the energy MLP's input; off is the (h, φ) readout.
+    """``products`` adds h ⊙ φ to the energy MLP's input; off (the default) is the (h, φ) readout.
 
     With the product columns' weights at zero the two readouts are the same function, so
     the products-on block then equals the products-off block with the same other weights;
     non-zero product weights change the energy of two molecules that see each other.
     """
     base = T.make_test_model(atomic_numbers=ELEMENTS, seed=2)
-    on = T.perturb_blocks(mace_lr.augment(base, {"mesh": {"channels": 2, "hidden": 4}}), seed=3)
-    off = mace_lr.augment(base, {"mesh": {"channels": 2, "hidden": 4, "products": False}})
+    on = T.perturb_blocks(
+        mace_lr.augment(base, {"mesh": {"channels": 2, "hidden": 4, "products": True}}), seed=3
+    )
+    off = mace_lr.augment(base, {"mesh": {"channels": 2, "hidden": 4}})
     a, b = on.blocks["mesh"], off.blocks["mesh"]
     assert (a.readout[0].in_features, b.readout[0].in_features) == (6, 4)
     assert a.to_config()["products"] is True and b.to_config()["products"] is False
     assert MeshBlock.from_config(b.to_config()).readout[0].in_features == 4
-    T.assert_identity_at_init(base, mace_lr.augment(base, {"mesh": {"channels": 2}}), [molecule("H2O")])
+    T.assert_identity_at_init(
+        base, mace_lr.augment(base, {"mesh": {"channels": 2, "products": True}}), [molecule("H2O")]
+    )
     state = {k: v.clone() for k, v in a.state_dict().items()}
     state["readout.0.weight"] = state["readout.0.weight"][:, :4]
     b.load_state_dict(state)
