@@ -189,19 +189,30 @@ def _restore_root_logger():
     root.setLevel(level)
 
 
-def test_training_without_total_charge_fails_at_start(base, tmp_path, capsys, _restore_root_logger):
+@pytest.mark.parametrize(
+    "config, missing",
+    [
+        ('{"total_charge": "uniform"}', "total_charge"),
+        ('{"total_charge": "learned", "charge_groups": "fragments"}', "formal_charges"),
+    ],
+)
+def test_training_without_total_charge_fails_at_start(
+    base, tmp_path, capsys, _restore_root_logger, config, missing
+):
+    """Per structure the total charge is required; per fragment the per-atom formal charges."""
     from mace_lr.cli import run_train as cli
 
     frames = _molecules()[:4]
     for atoms in frames:
-        atoms.info.pop("charge")
+        if missing == "total_charge":
+            atoms.info.pop("charge")
         atoms.info["REF_energy"] = 0.0
         atoms.arrays["REF_forces"] = np.zeros((len(atoms), 3))
     ase.io.write(tmp_path / "train.xyz", frames, format="extxyz")
     torch.save(base, tmp_path / "found.model")
     argv = [
         "--name", "x", "--foundation_model", str(tmp_path / "found.model"),
-        "--lr_blocks", "les", "--lr_config", '{"total_charge": "uniform"}',
+        "--lr_blocks", "les", "--lr_config", config,
         "--train_file", str(tmp_path / "train.xyz"), "--valid_fraction", "0.25",
         "--energy_key", "REF_energy", "--forces_key", "REF_forces", "--max_num_epochs", "1",
         "--device", "cpu", "--default_dtype", "float64", "--model_dir", str(tmp_path),
@@ -211,4 +222,4 @@ def test_training_without_total_charge_fails_at_start(base, tmp_path, capsys, _r
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)
     assert exc.value.code == 2
-    assert "lack the key 'total_charge'" in capsys.readouterr().err
+    assert f"lack the key '{missing}'" in capsys.readouterr().err

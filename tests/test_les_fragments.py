@@ -242,28 +242,3 @@ def test_training_data_carry_the_formal_charges(base):
     out = model({k: (v.double() if v.is_floating_point() else v) for k, v in batch.items()})
     q, ptr = out["charges"].detach().numpy(), batch["ptr"].numpy()
     assert abs(q[ptr[3] : ptr[3] + 5].sum() - 1.0) < 1e-10 and abs(q[ptr[-2] :].sum()) < 1e-10
-
-
-def test_training_without_formal_charges_fails_at_start(base, tmp_path, capsys):
-    from mace_lr.cli import run_train as cli
-
-    frames = _systems()
-    for atoms in frames:
-        del atoms.arrays["formal_charges"]
-        atoms.info["REF_energy"] = 0.0
-        atoms.arrays["REF_forces"] = np.zeros((len(atoms), 3))
-    ase.io.write(tmp_path / "train.xyz", frames, format="extxyz")
-    torch.save(base, tmp_path / "found.model")
-    argv = [
-        "--name", "x", "--foundation_model", str(tmp_path / "found.model"),
-        "--lr_blocks", "les", "--lr_config", '{"total_charge": "learned", "charge_groups": "fragments"}',
-        "--train_file", str(tmp_path / "train.xyz"), "--valid_fraction", "0.34",
-        "--energy_key", "REF_energy", "--forces_key", "REF_forces", "--max_num_epochs", "1",
-        "--device", "cpu", "--default_dtype", "float64", "--model_dir", str(tmp_path),
-        "--checkpoints_dir", str(tmp_path / "ckpt"), "--log_dir", str(tmp_path / "logs"),
-        "--results_dir", str(tmp_path / "results"),
-    ]  # fmt: skip
-    with pytest.raises(SystemExit) as exc:
-        cli.main(argv)
-    assert exc.value.code == 2
-    assert "lack the key 'formal_charges'" in capsys.readouterr().err
