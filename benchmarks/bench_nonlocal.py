@@ -11,6 +11,12 @@ peak RSS is that configuration's own; the ratios are measured side by side in on
     python benchmarks/bench_nonlocal.py --sizes 512 4096 --repeats 3 --full
     python benchmarks/bench_nonlocal.py --config mesh='{"spacing": 1.0}'
 
+Measured again (2026-12-08, stop 23, float64, BENCH_THREADS=1, 2 repeats, idle machine),
+attention block / LES block CPU time at N = 32768: 2.08 (wall 2.13; 1.368 vs 0.659 s, peak
+959 vs 741 MB) with key_dim 4, and 1.06 (wall 1.10; 0.820 vs 0.772 s, 821 vs 749 MB) with
+key_dim 2, the default since then (``--sizes 32768 --blocks attention [--config
+attention='{"key_dim": 4}']``).
+
 Measured (2026-12-08, float64, BENCH_THREADS=1, 3 repeats, load average ~1.8 on 2 cores,
 so compare the CPU-time ratios): CPU time of energy+forces relative to LES at N = 4096 /
 13824 / 32768 — mesh 1.31 / 1.13 / 1.83, attention 2.19 / 2.16 / 2.46 (mesh path; the

@@ -145,7 +145,9 @@ class AttentionBlock(LongRangeBlock):
         atomic_numbers: elements of the base model.
         r_max: base-model cutoff, Å.
         heads: number of attention heads H, each with its own kernel range σ_h (default 2).
-        key_dim: query/key width D per head (default 4).
+        key_dim: query/key width D per head (default 2; the mesh path spreads H·D·C channels:
+            at N = 32 768 D = 2 costs 1.06× the LES block and D = 4 2.08×, while tutorial 6's
+            held-out error was 41.5 against 36.1 meV, both far below LES's 103 meV).
         value_dim: value width C per head (default 4).
         hidden: width of the energy MLP's hidden layer (default 32).
         sigma_min, sigma_max: bounds of the learned kernel ranges σ_h, Å (default 4, 10).
@@ -172,7 +174,7 @@ class AttentionBlock(LongRangeBlock):
         atomic_numbers: Sequence[int],
         r_max: float,
         heads: int = 2,
-        key_dim: int = 4,
+        key_dim: int = 2,
         value_dim: int = 4,
         hidden: int = 32,
         sigma_min: float = 4.0,

@@ -123,8 +123,12 @@ def main() -> None:
         "'none': mace's random batches)",
     )
     parser.add_argument("--mesh_config", default=BLOCKS["mesh"][1], help="--lr_config of the mesh fine-tune")
+    parser.add_argument(
+        "--attention_config", default=BLOCKS["attention"][1], help="--lr_config of the attention fine-tune"
+    )
     args = parser.parse_args()
     BLOCKS["mesh"] = ("mesh", args.mesh_config)
+    BLOCKS["attention"] = ("attention", args.attention_config)
     epochs = args.epochs or (1 if args.fast else 24)
     args.out.mkdir(parents=True, exist_ok=True)
 
