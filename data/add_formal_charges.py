@@ -47,7 +47,9 @@ def main() -> None:
         for index, atoms in enumerate(frames):
             charges = fragment_charges(atoms)
             if abs(sum(charges) - float(atoms.info["charge"])) > 1e-9:
-                raise ValueError(f"{name} structure {index}: fragment charges {charges} vs {atoms.info['charge']}")
+                raise ValueError(
+                    f"{name} structure {index}: fragment charges {charges} vs {atoms.info['charge']}"
+                )
             fragment = atoms.arrays.get("fragment", np.zeros(len(atoms), int))
             atoms.arrays["formal_charges"] = gd.formal_charges(fragment, charges)
         write(HERE / name, frames, format="extxyz")

@@ -226,7 +226,8 @@ def label_dimer(mono, a, b, r, rng, rattle, config_type):
 
 def formal_charges(fragment, charges) -> np.ndarray:
     """Per-atom formal charges: each fragment's formal charge on its first atom, zeros elsewhere
-    (LES ``charge_groups="fragments"`` uses only their sum over each bonded fragment)."""
+    (LES ``charge_groups="fragments"`` uses only their sum over each bonded fragment).
+    """
     fragment = np.asarray(fragment)
     out = np.zeros(len(fragment))
     for f, q in enumerate(charges):
