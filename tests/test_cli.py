@@ -774,3 +774,22 @@ def test_group_batches_through_mace_data_pipeline():
     assert sorted(seen) == sorted(quartets)
     plain = loader_cls(dataset=dataset, batch_size=5, shuffle=False)
     assert [b.num_graphs for b in plain] == [5, 5, 5, 1]
+
+
+def test_block_learning_rate_option():
+    """``--lr_block_lr`` sets the blocks' optimiser groups; the base keeps ``--lr``."""
+    from mace.tools.scripts_utils import get_params_options
+
+    from mace_lr.cli._lr_hooks import block_params_hook
+    from mace_lr.cli._options import build_parser
+
+    model = mace_lr.augment(T.make_test_model(), "les")
+    hook = block_params_hook(get_params_options, None)
+    for argv, block_lr in (([], 0.001), (["--lr_block_lr", "0.02"], 0.02)):
+        args = build_parser().parse_args(["--name", "x", "--lr", "0.001", *argv])
+        groups = hook(args, model)["params"]
+        blocks = [g for g in groups if g["name"] == "lr_les"]
+        assert len(blocks) == 1 and blocks[0]["lr"] == block_lr
+        assert all(g["lr"] == 0.001 for g in groups if g["name"] != "lr_les")
+        ids = {id(p) for g in blocks for p in g["params"]}
+        assert ids == {id(p) for p in model.blocks["les"].parameters()}

@@ -75,6 +75,7 @@ def _command(name: str, block, out: Path, train: Path, valid: Path, epochs: int,
         "--max_num_epochs", str(epochs), "--batch_size", "4", "--valid_batch_size", "12",
         "--lr", str(args.lr), "--scheduler_patience", "5", "--ema", "--ema_decay", "0.99",
         *(["--lr_batch_groups", args.batch_groups] if args.batch_groups != "none" else []),
+        *(["--lr_block_lr", str(args.block_lr)] if args.block_lr is not None else []),
         "--device", "cpu", "--default_dtype", "float64", "--seed", str(args.seed), "--pin_memory", "False",
         "--model_dir", str(out), "--checkpoints_dir", str(out / "checkpoints"),
         "--log_dir", str(out / "logs"), "--results_dir", str(out / "results"), "--work_dir", str(out),
@@ -122,6 +123,7 @@ def main() -> None:
         help="--lr_batch_groups of every fine-tune (default quartet: whole quartets per batch; "
         "'none': mace's random batches)",
     )
+    parser.add_argument("--block_lr", type=float, default=None, help="--lr_block_lr (default: --lr)")
     parser.add_argument("--mesh_config", default=BLOCKS["mesh"][1], help="--lr_config of the mesh fine-tune")
     parser.add_argument(
         "--attention_config", default=BLOCKS["attention"][1], help="--lr_config of the attention fine-tune"

@@ -261,12 +261,13 @@ def block_params_hook(original: Callable, run: "RunContext") -> Callable:
         for group in options["params"]:
             group["params"] = list(group["params"])  # mace passes some groups as generators
         seen = {id(p) for group in options["params"] for p in group["params"]}
+        block_lr = args.lr if getattr(args, "lr_block_lr", None) is None else float(args.lr_block_lr)
         for name, block in model.blocks.items() if wrapped else []:
             params = [p for p in block.parameters() if id(p) not in seen]
             options["params"].append(
-                {"name": f"lr_{name}", "params": params, "weight_decay": 0.0, "lr": args.lr}
+                {"name": f"lr_{name}", "params": params, "weight_decay": 0.0, "lr": block_lr}
             )
-            logger.info("optimiser group lr_%s: %d tensors", name, len(params))
+            logger.info("optimiser group lr_%s: %d tensors, lr %g", name, len(params), block_lr)
             seen.update(id(p) for p in params)
         return options
 

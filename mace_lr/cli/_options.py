@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
         "with one block a flat {option: value} mapping is accepted",
     )
     group.add_argument(
+        "--lr_block_lr",
+        type=float,
+        default=None,
+        help="learning rate of the long-range blocks' parameters (default: --lr); with a smaller "
+        "--lr the base model moves slowly while a new block learns",
+    )
+    group.add_argument(
         "--lr_batch_groups",
         type=str,
         default=None,
