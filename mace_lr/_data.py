@@ -95,10 +95,11 @@ def atoms_to_batch(
         _check_atoms(atoms, z_table, index)
         for key in required:
             info_key = _DATA_TO_INFO.get(key, key)
-            per_atom = any(item.key == key and item.per == PER_ATOM for item in inputs)
-            if per_atom and info_key not in atoms.arrays:
+            declared = next((item for item in inputs if item.key == key), None)
+            per_atom = declared is not None and declared.per == PER_ATOM
+            if per_atom and declared.source not in atoms.arrays:
                 raise KeyError(
-                    f"structure {index} has no atoms.arrays[{info_key!r}] ({key}), which a block "
+                    f"structure {index} has no atoms.arrays[{declared.source!r}] ({key}), which a block "
                     "of this model requires; set one value per atom (e.g. zeros for neutral molecules)"
                 )
             if not per_atom and info_key not in atoms.info:

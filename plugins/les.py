@@ -232,7 +232,9 @@ class LESBlock(LongRangeBlock):
         self.per_fragment = charge_groups == "fragments"
         self.bond_scale = float(bond_scale)
         if total_charge != "none":
-            self.required_inputs = (FORMAL_CHARGES,) if self.per_fragment else ("total_charge",)
+            self.required_inputs = self.required_inputs_for(
+                {"total_charge": total_charge, "charge_groups": charge_groups}
+            )
         self.register_buffer(
             "covalent_radii", torch.tensor(COVALENT_RADII, dtype=torch.float64), persistent=False
         )
@@ -343,8 +345,7 @@ class LESBlock(LongRangeBlock):
                 self.bond_scale,
             )  # fmt: skip
             formal = ctx["formal_charges"].to(positions.dtype)  # FORMAL_CHARGES (TorchScript)
-            fragment_charge = torch.zeros(num_fragments, dtype=positions.dtype, device=positions.device)
-            fragment_charge = fragment_charge.index_add(0, fragment, formal)
+            fragment_charge = graph_sum(formal, fragment, num_fragments)
             q_latent = self.conserve_charge(q_latent, ctx["node_feats"], fragment, fragment_charge)
         elif conserving:
             q_latent = self.conserve_charge(q_latent, ctx["node_feats"], ctx["batch"], ctx["total_charge"])

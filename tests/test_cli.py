@@ -150,6 +150,7 @@ def test_missing_data_key_fails_at_start(workdir, capsys):
         unregister_block("needs_charge")
     _fails_with(_args(workdir, "bad", 1, ["--dipole_key", "REF_dipole"]), capsys, "lack the key 'REF_dipole'")
     _fails_with(_args(workdir, "bad", 1, ["--lr_charges_weight", "1.0"]), capsys, "latent charges")
+    _fails_with(_args(workdir, "bad", 1, ["--lr_block_lr", "-0.01"]), capsys, "--lr_block_lr must be > 0")
 
 
 def test_unknown_foundation_model_fails_at_start(workdir, capsys):

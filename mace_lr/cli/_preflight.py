@@ -90,6 +90,9 @@ def preflight(
     required += [keys[name] for name, weight in weights.items() if weight > 0]
     if getattr(args, "lr_batch_groups", None):
         required.append(args.lr_batch_groups)
+    block_lr = getattr(args, "lr_block_lr", None)
+    if block_lr is not None and not block_lr > 0:
+        raise ValueError(f"--lr_block_lr must be > 0, got {block_lr}")
     if args.train_file and os.path.isfile(args.train_file) and args.train_file.endswith((".xyz", ".extxyz")):
         import ase.io
 
